@@ -1,0 +1,159 @@
+//! The `audience` command line: `serve` runs the server; every other subcommand is a client of
+//! a running server (`--addr`), printing plain, scriptable lines or `--json`.
+
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use client::ClientError;
+
+/// Audience segmentation over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "audience", version, about)]
+pub struct Cli {
+    /// The server to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIENCE_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+    /// Print JSON instead of plain lines.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(serve::ServeArgs),
+    /// Import a .parquet or .arrow file of users (or events) into a dataset.
+    Import {
+        kind: ImportKind,
+        file: PathBuf,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+        /// The column holding user ids.
+        #[arg(long, default_value = "user_id")]
+        id_column: String,
+        /// Let the server read FILE from its own file system instead of streaming it.
+        #[arg(long)]
+        server_side: bool,
+    },
+    /// Print the number of users matching an expression.
+    Count {
+        expr: String,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+        /// RFC 3339 time that anchors NOW (default: the server clock).
+        #[arg(long)]
+        as_of: Option<String>,
+        /// Break the count down by this attribute's values.
+        #[arg(long)]
+        by: Option<String>,
+        /// Values in the breakdown.
+        #[arg(long, default_value_t = 20)]
+        top: u32,
+    },
+    /// Print matching external user ids, one per line.
+    Members {
+        expr: String,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// Manage saved segments.
+    #[command(subcommand)]
+    Segment(SegmentCommand),
+    /// Print the saved segments containing a user.
+    SegmentsFor {
+        user_id: String,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+    /// Describe a dataset's attributes.
+    Schema {
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+}
+
+/// What an import file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportKind {
+    Users,
+    Events,
+}
+
+/// Saved-segment subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SegmentCommand {
+    /// Create a segment from an expression.
+    Create {
+        id: String,
+        expr: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A label as key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+    /// Show one segment.
+    Get {
+        id: String,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+    /// List segments, optionally only those with a label.
+    List {
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+    /// Change a segment's expression, name, description or labels.
+    Update {
+        id: String,
+        #[arg(long)]
+        expr: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+    /// Delete a segment.
+    Delete {
+        id: String,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+    },
+}
+
+/// Runs the parsed command line.
+///
+/// # Errors
+/// Whatever stopped the command, to be printed by `main`.
+pub async fn run(cli: Cli) -> Result<(), ClientError> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await.map_err(ClientError::Serve),
+        command => client::run(&cli.addr, cli.json, command).await,
+    }
+}

@@ -1,0 +1,179 @@
+//! `audience serve`: configuration, logging, the demo load, signals and the server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, LogFormat};
+use crate::engine::{Engine, ImportBatch, DEFAULT_DATASET};
+use crate::grpc::{serve, Services};
+use crate::time::SystemClock;
+
+/// Flags of `serve`; each also reads an `AUDIENCE_*` variable and overrides the config file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML config file.
+    #[arg(long, env = "AUDIENCE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:50051.
+    #[arg(long, env = "AUDIENCE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory of the embedded store.
+    #[arg(long, env = "AUDIENCE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Redis URL of the shared store.
+    #[arg(long, env = "AUDIENCE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Load N generated demo users into the `default` dataset at start.
+    #[arg(long, env = "AUDIENCE_DEMO_USERS")]
+    demo_users: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "AUDIENCE_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Server(#[from] crate::grpc::ServeError),
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<Config, crate::config::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = Some(dir.clone());
+        }
+        if let Some(url) = &self.redis_url {
+            config.redis_url = Some(url.clone());
+        }
+        if let Some(n) = self.demo_users {
+            config.demo_users = n;
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests running several servers) is harmless: keep the first.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Starts the server and runs until SIGINT or SIGTERM.
+///
+/// # Errors
+/// A bad configuration, an address in use, or a transport failure.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let config = args.config()?;
+    init_logging(config.log_format);
+    if config.data_dir.is_some() || config.redis_url.is_some() {
+        tracing::warn!(
+            "durable storage is not available in this release: data is kept in memory only"
+        );
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(addr = %config.listen, "listening");
+    let engine = Arc::new(Engine::new(config.limits, Arc::new(SystemClock)));
+    let services = Services {
+        engine: engine.clone(),
+        max_message_bytes: config.max_message_bytes,
+    };
+    let demo_users = config.demo_users;
+    let ready = async move {
+        if demo_users > 0 {
+            load_demo(&engine, demo_users).await;
+        }
+    };
+    serve(services, listener, ready, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Loads the demo dataset, logging progress every ~10%.
+async fn load_demo(engine: &Engine, users: u64) {
+    const BATCH_ROWS: usize = 64 * 1024;
+    let started = std::time::Instant::now();
+    let result = async {
+        let mut import = engine.begin_import(DEFAULT_DATASET).await?;
+        let mut loaded = 0u64;
+        let step = (users / 10).max(1);
+        for batch in crate::demo::batches(users, BATCH_ROWS, 42) {
+            loaded += batch.num_rows() as u64;
+            import
+                .apply(ImportBatch {
+                    batch,
+                    id_column: "user_id".into(),
+                })
+                .await?;
+            if loaded % step < BATCH_ROWS as u64 || loaded == users {
+                tracing::info!(loaded, users, "loading demo users");
+            }
+        }
+        import.commit()
+    }
+    .await;
+    match result {
+        Ok(outcome) => tracing::info!(
+            users = outcome.created,
+            seconds = started.elapsed().as_secs_f64(),
+            "demo dataset loaded"
+        ),
+        Err(error) => tracing::error!(%error, "demo dataset failed to load"),
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (Kubernetes stopping the pod).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,169 @@
+//! Start-up configuration: defaults, then a TOML file, then `AUDIENCE_*` variables and flags
+//! (clap reads both), validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Limits;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Directory for the write-ahead log and snapshots (durability arrives in a later release).
+    pub data_dir: Option<PathBuf>,
+    /// Redis as the shared durable store (durability arrives in a later release).
+    pub redis_url: Option<String>,
+    /// Users of generated demo data to load at start (0: none).
+    pub demo_users: u64,
+    pub log_format: LogFormat,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Request-size limits of the engine.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: None,
+            redis_url: None,
+            demo_users: 0,
+            log_format: LogFormat::Text,
+            max_message_bytes: 64 * 1024 * 1024,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The defaults overlaid with a TOML file.
+    ///
+    /// # Errors
+    /// An unreadable file, bad TOML or an unknown key.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks values that parse but cannot work.
+    ///
+    /// # Errors
+    /// The first unusable value, named.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        let checks = [
+            (
+                self.max_message_bytes >= 64 * 1024,
+                "max_message_bytes must be at least 65536",
+            ),
+            (
+                limits.max_expression_nodes > 0,
+                "limits.max_expression_nodes must be positive",
+            ),
+            (
+                (1..=64).contains(&limits.max_expression_depth),
+                "limits.max_expression_depth must be between 1 and 64",
+            ),
+            (
+                limits.max_batch_users > 0,
+                "limits.max_batch_users must be positive",
+            ),
+            (
+                limits.max_page_size > 0,
+                "limits.max_page_size must be positive",
+            ),
+            (
+                limits.max_overlap_audiences >= 2,
+                "limits.max_overlap_audiences must be at least 2",
+            ),
+            (
+                limits.max_open_cursors > 0,
+                "limits.max_open_cursors must be positive",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err(ConfigError::Invalid((*message).to_owned())),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        let defaults = Config::default();
+        defaults.validate().unwrap();
+        let dir = std::env::temp_dir().join(format!("audience-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audience.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:6000\"\ndemo_users = 5\n[limits]\nmax_page_size = 7\n",
+        )
+        .unwrap();
+        let config = Config::from_file(&path).unwrap();
+        assert_eq!(config.listen.port(), 6000);
+        assert_eq!(config.demo_users, 5);
+        assert_eq!(config.limits.max_page_size, 7);
+        assert_eq!(
+            config.limits.max_batch_users,
+            Limits::default().max_batch_users
+        );
+        std::fs::write(&path, "listen = \"0.0.0.0:6000\"\nbogus = 1\n").unwrap();
+        assert!(matches!(
+            Config::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+        let bad = Config {
+            max_message_bytes: 10,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

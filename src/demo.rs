@@ -1,0 +1,217 @@
+//! A deterministic, realistic users table: the data of `serve --demo-users N`, the tests and
+//! the benchmarks. The same `(rows, seed)` always gives the same table, batch by batch.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Float64Builder, Int16Builder, ListBuilder, StringBuilder,
+    StringDictionaryBuilder, TimestampMillisecondBuilder,
+};
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+
+use crate::rng::SplitMix64;
+use crate::time::Millis;
+
+/// Countries with population-like weights (percent).
+pub const COUNTRIES: &[(&str, u64)] = &[
+    ("US", 30),
+    ("GB", 9),
+    ("DE", 8),
+    ("FR", 7),
+    ("BR", 6),
+    ("IN", 6),
+    ("JP", 5),
+    ("CA", 4),
+    ("ES", 4),
+    ("IT", 4),
+    ("MX", 3),
+    ("AU", 3),
+    ("NL", 2),
+    ("SE", 2),
+    ("PL", 2),
+    ("KR", 1),
+    ("AR", 1),
+    ("ZA", 1),
+    ("NG", 1),
+    ("SG", 1),
+];
+/// Interests, most popular first.
+pub const INTERESTS: &[&str] = &[
+    "sports",
+    "travel",
+    "music",
+    "movies",
+    "tech",
+    "fashion",
+    "food",
+    "fitness",
+    "gaming",
+    "finance",
+    "news",
+    "beauty",
+    "cars",
+    "books",
+    "parenting",
+    "pets",
+    "outdoors",
+    "photography",
+    "crypto",
+    "home",
+    "gardening",
+    "art",
+    "science",
+    "education",
+    "health",
+    "luxury",
+    "diy",
+    "anime",
+    "esports",
+    "wine",
+];
+const GENDERS: &[(&str, u64)] = &[("female", 48), ("male", 48), ("other", 2)];
+const DEVICES: &[(&str, u64)] = &[("android", 45), ("ios", 45), ("desktop", 10)];
+/// Regions per country and cities per region.
+const REGIONS: u64 = 5;
+const CITIES: u64 = 10;
+/// Signup times fall in the three years before this instant (2026-11-01T00:00:00Z).
+pub const DEMO_EPOCH: Millis = 1_793_491_200_000;
+const THREE_YEARS: u64 = 3 * 365 * 86_400_000;
+
+/// The external id of demo user `row`: 16 hex digits, like a hashed device id.
+pub fn user_id(row: u64) -> String {
+    format!("{:016x}", SplitMix64::new(row).next_u64())
+}
+
+/// The demo table's schema.
+pub fn schema() -> Arc<Schema> {
+    let dict = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("country", dict(), true),
+        Field::new("region", dict(), true),
+        Field::new("city", dict(), true),
+        Field::new("age", DataType::Int16, true),
+        Field::new("gender", dict(), true),
+        Field::new("device", dict(), true),
+        Field::new(
+            "interests",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+            true,
+        ),
+        Field::new("lifetime_spend", DataType::Float64, true),
+        Field::new("subscriber", DataType::Boolean, true),
+        Field::new(
+            "signup_ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+    ]))
+}
+
+/// Rows `0..rows` in batches of `batch_rows`.
+pub fn batches(rows: u64, batch_rows: usize, seed: u64) -> impl Iterator<Item = RecordBatch> {
+    let batch_rows = batch_rows.max(1) as u64;
+    (0..rows.div_ceil(batch_rows)).map(move |index| {
+        let start = index * batch_rows;
+        batch(start..(start + batch_rows).min(rows), seed)
+    })
+}
+
+fn pick<'a>(rng: &mut SplitMix64, weighted: &[(&'a str, u64)]) -> &'a str {
+    let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+    let mut roll = rng.below(total);
+    for (value, weight) in weighted {
+        if roll < *weight {
+            return value;
+        }
+        roll -= weight;
+    }
+    weighted[0].0
+}
+
+/// One batch holding `rows`; each row's values depend only on `(seed, row)`.
+pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
+    let mut ids = StringBuilder::new();
+    let mut country = StringDictionaryBuilder::<Int32Type>::new();
+    let mut region = StringDictionaryBuilder::<Int32Type>::new();
+    let mut city = StringDictionaryBuilder::<Int32Type>::new();
+    let mut age = Int16Builder::new();
+    let mut gender = StringDictionaryBuilder::<Int32Type>::new();
+    let mut device = StringDictionaryBuilder::<Int32Type>::new();
+    let mut interests = ListBuilder::new(StringBuilder::new());
+    let mut spend = Float64Builder::new();
+    let mut subscriber = BooleanBuilder::new();
+    let mut signup = TimestampMillisecondBuilder::new().with_timezone("UTC");
+    for row in rows {
+        let mut rng = SplitMix64::new(seed ^ row.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        ids.append_value(user_id(row));
+        let c = pick(&mut rng, COUNTRIES);
+        let r = rng.below(REGIONS);
+        country.append_value(c);
+        region.append_value(format!("{c}-R{r}"));
+        city.append_value(format!("{c}-R{r}-C{}", rng.below(CITIES)));
+        // Ages 13-90, most between 18 and 45.
+        if rng.below(100) < 5 {
+            age.append_null();
+        } else {
+            let skew = (rng.unit() * rng.unit() * 77.0) as i16;
+            age.append_value(if rng.below(4) == 0 {
+                13 + skew
+            } else {
+                18 + (skew % 28)
+            });
+        }
+        match rng.below(100) {
+            0 | 1 => gender.append_null(),
+            _ => gender.append_value(pick(&mut rng, GENDERS)),
+        }
+        device.append_value(pick(&mut rng, DEVICES));
+        let wanted = rng.below(6);
+        let mut held = Vec::new();
+        for _ in 0..wanted {
+            // Squaring skews picks toward the popular interests.
+            let index = (rng.unit() * rng.unit() * INTERESTS.len() as f64) as usize;
+            if !held.contains(&index) {
+                held.push(index);
+            }
+        }
+        held.sort_unstable();
+        for index in held {
+            interests.values().append_value(INTERESTS[index]);
+        }
+        interests.append(true);
+        if rng.below(100) < 40 {
+            spend.append_null();
+        } else {
+            // Long-tailed spend in cents precision.
+            let dollars = (rng.unit().powi(3) * 5_000.0 * 100.0).round() / 100.0;
+            spend.append_value(dollars);
+        }
+        match rng.below(100) {
+            0..=4 => subscriber.append_null(),
+            5..=24 => subscriber.append_value(true),
+            _ => subscriber.append_value(false),
+        }
+        signup.append_value(DEMO_EPOCH - rng.below(THREE_YEARS) as i64);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(country.finish()),
+        Arc::new(region.finish()),
+        Arc::new(city.finish()),
+        Arc::new(age.finish()),
+        Arc::new(gender.finish()),
+        Arc::new(device.finish()),
+        Arc::new(interests.finish()),
+        Arc::new(spend.finish()),
+        Arc::new(subscriber.finish()),
+        Arc::new(signup.finish()),
+    ];
+    match RecordBatch::try_new(schema(), columns) {
+        Ok(batch) => batch,
+        // The builders above produce exactly the schema's columns.
+        Err(e) => unreachable!("demo batch does not match its schema: {e}"),
+    }
+}

@@ -1,0 +1,118 @@
+//! Writes as records: every change to a dataset is one value of [`Change`], applied whole or not
+//! at all, so that the write path can be logged and replayed as it is.
+
+use std::collections::BTreeMap;
+
+use arrow_array::RecordBatch;
+
+use crate::expr::Expr;
+use crate::index::AttributeKind;
+use crate::time::Millis;
+
+/// One atomic write to one dataset.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Partial updates of users, created when unknown.
+    UpsertUsers(Vec<UserUpdate>),
+    /// Complete removal of users; unknown ids are counted, not errors.
+    DeleteUsers(Vec<String>),
+    /// Rows of a users table by the import convention.
+    ImportUsers(ImportBatch),
+    /// Attribute kinds fixed before data arrives.
+    DeclareAttributes(Vec<(String, AttributeKind)>),
+    /// Create a saved segment; its id must be new.
+    CreateSegment(SegmentDefinition),
+    /// Replace a saved segment's definition; it must exist (its creation time is kept).
+    UpdateSegment(SegmentDefinition),
+    /// Remove a saved segment.
+    DeleteSegment(String),
+}
+
+/// A record batch of a users table and the name of its id column.
+#[derive(Debug, Clone)]
+pub struct ImportBatch {
+    pub batch: RecordBatch,
+    pub id_column: String,
+}
+
+/// Changes to one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserUpdate {
+    pub user_id: String,
+    pub changes: Vec<AttributeChange>,
+}
+
+/// One change to one attribute of one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeChange {
+    pub attribute: String,
+    pub op: ChangeOp,
+}
+
+/// What happens to the attribute.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeOp {
+    /// Replace the value (a set attribute: all its members).
+    Set(AttributeValue),
+    /// Make it null.
+    Clear,
+    /// Add members to a set attribute.
+    Add(Vec<String>),
+    /// Remove members from a set attribute.
+    Remove(Vec<String>),
+}
+
+/// A value written to an attribute; its variant picks the kind of a new attribute.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttributeValue {
+    String(String),
+    Set(Vec<String>),
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Timestamp(Millis),
+}
+
+impl AttributeValue {
+    /// The kind an attribute first written with this value gets.
+    pub fn natural_kind(&self) -> AttributeKind {
+        match self {
+            AttributeValue::String(_) => AttributeKind::Categorical,
+            AttributeValue::Set(_) => AttributeKind::Set,
+            AttributeValue::Bool(_) => AttributeKind::Boolean,
+            AttributeValue::Int(_) => AttributeKind::Integer,
+            AttributeValue::Float(_) => AttributeKind::Float,
+            AttributeValue::Timestamp(_) => AttributeKind::Timestamp,
+        }
+    }
+}
+
+/// A saved segment's definition (its membership is derived).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentDefinition {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub labels: BTreeMap<String, String>,
+    pub expression: Expr,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// What a change did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeOutcome {
+    pub created: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    pub not_found: u64,
+}
+
+impl std::ops::AddAssign for ChangeOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.created += other.created;
+        self.updated += other.updated;
+        self.deleted += other.deleted;
+        self.not_found += other.not_found;
+    }
+}

@@ -1,0 +1,393 @@
+//! The engine: datasets, their versions, the write path and the queries.
+//!
+//! Readers take the current [`DatasetState`] of a dataset (an `Arc`, taken under a lock held
+//! only for the pointer copy) and never wait for a writer. Writers of one dataset queue on its
+//! writer lock, apply their [`Change`] to a shallow clone off the async runtime, and publish the
+//! clone only when the whole change succeeded.
+//!
+//! # Layout
+//! - [`change`]: writes as records.
+//! - [`state`]: one dataset version and how a change produces the next.
+//! - [`plan`], [`eval`]: binding an expression to a snapshot, evaluating it on bitmaps.
+//! - [`query`]: counts, breakdowns, samples, overlap, lookups, schema.
+//! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers.
+//! - [`cursor`]: member listings that stay on one snapshot from page to page.
+
+pub mod change;
+pub mod cursor;
+pub mod error;
+pub mod eval;
+pub mod import;
+pub mod plan;
+pub mod query;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+pub use change::{
+    AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, ImportBatch,
+    SegmentDefinition, UserUpdate,
+};
+pub use error::{EngineError, Result};
+pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
+pub use state::{DatasetState, Segment};
+
+use crate::expr::Expr;
+use crate::time::{Clock, Millis, SystemClock};
+use cursor::CursorCache;
+
+/// The dataset every call falls back to.
+pub const DEFAULT_DATASET: &str = "default";
+
+/// Sizes the engine refuses to exceed, so one request cannot take the service down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Nodes in one expression.
+    pub max_expression_nodes: usize,
+    /// Nesting depth of one expression.
+    pub max_expression_depth: usize,
+    /// Users in one upsert or delete batch.
+    pub max_batch_users: usize,
+    /// Ids in one page, sample or export chunk.
+    pub max_page_size: usize,
+    /// Audiences in one overlap request.
+    pub max_overlap_audiences: usize,
+    /// Saved segments per dataset.
+    pub max_segments: usize,
+    /// Open member listings kept for their next page.
+    pub max_open_cursors: usize,
+    /// Seconds an unused listing is kept.
+    pub cursor_ttl_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_expression_nodes: 1_000,
+            max_expression_depth: 32,
+            max_batch_users: 10_000,
+            max_page_size: 100_000,
+            max_overlap_audiences: 32,
+            max_segments: 10_000,
+            max_open_cursors: 1_024,
+            cursor_ttl_secs: 600,
+        }
+    }
+}
+
+/// One dataset: its published version and the lock writers queue on.
+#[derive(Debug, Default)]
+struct Dataset {
+    /// The version readers see.
+    current: RwLock<Arc<DatasetState>>,
+    /// Serializes writers; held across the whole of a multi-batch import.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Dataset {
+    fn current(&self) -> Arc<DatasetState> {
+        match self.current.read() {
+            Ok(state) => state.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn publish(&self, state: Arc<DatasetState>) {
+        match self.current.write() {
+            Ok(mut current) => *current = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+    }
+}
+
+/// Every dataset of one service.
+#[derive(Debug)]
+pub struct Engine {
+    datasets: RwLock<BTreeMap<String, Arc<Dataset>>>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    cursors: CursorCache,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new(Limits::default(), Arc::new(SystemClock))
+    }
+}
+
+/// Checks a dataset name: `[A-Za-z0-9_.-]{1,64}`; empty means [`DEFAULT_DATASET`].
+///
+/// # Errors
+/// Any other name.
+pub fn dataset_name(name: &str) -> Result<&str> {
+    if name.is_empty() {
+        return Ok(DEFAULT_DATASET);
+    }
+    let valid = name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(name)
+    } else {
+        Err(EngineError::InvalidDatasetName(name.to_owned()))
+    }
+}
+
+impl Engine {
+    /// An engine with the `default` dataset, empty.
+    pub fn new(limits: Limits, clock: Arc<dyn Clock>) -> Self {
+        let mut datasets = BTreeMap::new();
+        datasets.insert(DEFAULT_DATASET.to_owned(), Arc::new(Dataset::default()));
+        Self {
+            datasets: RwLock::new(datasets),
+            clock,
+            cursors: CursorCache::new(limits.max_open_cursors, limits.cursor_ttl_secs),
+            limits,
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The clock's current time.
+    pub fn now(&self) -> Millis {
+        self.clock.now_millis()
+    }
+
+    /// Names of every dataset.
+    pub fn dataset_names(&self) -> Vec<String> {
+        match self.datasets.read() {
+            Ok(map) => map.keys().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().keys().cloned().collect(),
+        }
+    }
+
+    fn dataset(&self, name: &str) -> Result<Arc<Dataset>> {
+        let name = dataset_name(name)?;
+        let map = self
+            .datasets
+            .read()
+            .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
+        map.get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::DatasetNotFound(name.to_owned()))
+    }
+
+    fn dataset_or_create(&self, name: &str) -> Result<Arc<Dataset>> {
+        let name = dataset_name(name)?;
+        if let Ok(dataset) = self.dataset(name) {
+            return Ok(dataset);
+        }
+        let mut map = self
+            .datasets
+            .write()
+            .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
+        Ok(map.entry(name.to_owned()).or_default().clone())
+    }
+
+    /// The current version of a dataset, for any number of reads.
+    ///
+    /// # Errors
+    /// An invalid or unknown dataset name.
+    pub fn snapshot(&self, dataset: &str) -> Result<Arc<DatasetState>> {
+        Ok(self.dataset(dataset)?.current())
+    }
+
+    /// Checks an expression against the size and depth limits.
+    ///
+    /// # Errors
+    /// An expression over a limit.
+    pub fn check_expression(&self, expr: &Expr) -> Result<()> {
+        let depth = expr.depth();
+        if depth > self.limits.max_expression_depth {
+            return Err(EngineError::ExpressionTooDeep {
+                depth,
+                limit: self.limits.max_expression_depth,
+            });
+        }
+        let size = expr.size();
+        if size > self.limits.max_expression_nodes {
+            return Err(EngineError::ExpressionTooLarge {
+                size,
+                limit: self.limits.max_expression_nodes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses the text language under the configured depth limit.
+    ///
+    /// # Errors
+    /// A syntax error with its position, or an expression over a limit.
+    pub fn parse(&self, text: &str) -> Result<Expr> {
+        let expr = crate::expr::parse_with_limit(text, self.limits.max_expression_depth)?;
+        self.check_expression(&expr)?;
+        Ok(expr)
+    }
+
+    /// Applies one change to a dataset (created by its first write) atomically.
+    ///
+    /// # Errors
+    /// Whatever is invalid in the change; nothing is applied then.
+    pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
+        self.check_change(&change)?;
+        let handle = match &change {
+            Change::DeleteSegment(_) | Change::DeleteUsers(_) => self.dataset(dataset)?,
+            _ => self.dataset_or_create(dataset)?,
+        };
+        let _writer = handle.writer.lock().await;
+        let mut state = DatasetState::clone(&handle.current());
+        let now = self.now();
+        let (state, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = state.apply(&change, now)?;
+            Ok::<_, EngineError>((state, outcome))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
+        handle.publish(Arc::new(state));
+        Ok(outcome)
+    }
+
+    fn check_change(&self, change: &Change) -> Result<()> {
+        let batch = match change {
+            Change::UpsertUsers(users) => users.len(),
+            Change::DeleteUsers(users) => users.len(),
+            _ => 0,
+        };
+        if batch > self.limits.max_batch_users {
+            return Err(EngineError::LimitExceeded {
+                what: "the batch size",
+                actual: batch as u64,
+                limit: self.limits.max_batch_users as u64,
+            });
+        }
+        if let Change::CreateSegment(definition) | Change::UpdateSegment(definition) = change {
+            self.check_expression(&definition.expression)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a multi-batch import: batches apply to a private version, published by
+    /// [`Import::commit`] all at once. Other writers of the dataset wait until then; readers do not.
+    ///
+    /// # Errors
+    /// An invalid dataset name.
+    pub async fn begin_import(&self, dataset: &str) -> Result<Import> {
+        let handle = self.dataset_or_create(dataset)?;
+        let guard = handle.writer.clone().lock_owned().await;
+        let state = DatasetState::clone(&handle.current());
+        Ok(Import {
+            handle,
+            _guard: guard,
+            state: Some(state),
+            outcome: ChangeOutcome::default(),
+            now: self.now(),
+        })
+    }
+
+    /// Creates a saved segment.
+    ///
+    /// # Errors
+    /// An existing id, a bad definition, or too many segments.
+    pub async fn create_segment(
+        &self,
+        dataset: &str,
+        definition: SegmentDefinition,
+    ) -> Result<Arc<Segment>> {
+        let handle = self.dataset_or_create(dataset)?;
+        let current = handle.current();
+        if current.segments.contains_key(&definition.id) {
+            return Err(EngineError::SegmentExists(definition.id));
+        }
+        if current.segments.len() >= self.limits.max_segments {
+            return Err(EngineError::LimitExceeded {
+                what: "the number of segments",
+                actual: current.segments.len() as u64 + 1,
+                limit: self.limits.max_segments as u64,
+            });
+        }
+        let id = definition.id.clone();
+        self.apply(dataset, Change::CreateSegment(definition))
+            .await?;
+        Ok(self.snapshot(dataset)?.segment(&id)?.clone())
+    }
+
+    /// Opens a member listing over one snapshot and returns its first page.
+    ///
+    /// # Errors
+    /// As [`DatasetState::select`].
+    pub fn first_page(
+        &self,
+        state: Arc<DatasetState>,
+        audience: &Audience,
+        as_of: Millis,
+        page_size: usize,
+    ) -> Result<cursor::Page> {
+        let members = state.select(audience, as_of)?;
+        Ok(self.cursors.first_page(state, members, page_size))
+    }
+
+    /// The page after `token`, from the listing's own snapshot.
+    ///
+    /// # Errors
+    /// An unknown or expired token.
+    pub fn next_page(&self, token: &str, page_size: usize) -> Result<cursor::Page> {
+        self.cursors.next_page(token, page_size)
+    }
+}
+
+/// A multi-batch import in progress; dropped without [`Import::commit`], it leaves no trace.
+pub struct Import {
+    handle: Arc<Dataset>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    /// The private version; `None` only while a batch is being applied.
+    state: Option<DatasetState>,
+    outcome: ChangeOutcome,
+    now: Millis,
+}
+
+impl Import {
+    /// Applies one record batch to the private version.
+    ///
+    /// # Errors
+    /// A bad column or value; the import is then unusable and must be dropped.
+    pub async fn apply(&mut self, batch: ImportBatch) -> Result<ChangeOutcome> {
+        let mut state = self
+            .state
+            .take()
+            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
+        let now = self.now;
+        let (state, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = state.apply(&Change::ImportUsers(batch), now)?;
+            Ok::<_, EngineError>((state, outcome))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
+        self.state = Some(state);
+        self.outcome += outcome;
+        Ok(outcome)
+    }
+
+    /// Users created and updated so far.
+    pub fn outcome(&self) -> ChangeOutcome {
+        self.outcome
+    }
+
+    /// Publishes everything applied.
+    ///
+    /// # Errors
+    /// An import whose last batch failed.
+    pub fn commit(mut self) -> Result<ChangeOutcome> {
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
+        self.handle.publish(Arc::new(state));
+        Ok(self.outcome)
+    }
+}

@@ -1,0 +1,274 @@
+//! Read-only questions over one snapshot: counts with breakdowns, samples, overlap, per-user
+//! lookups and the schema.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::error::{EngineError, Result};
+use super::eval::Scope;
+use super::plan::Binder;
+use super::state::DatasetState;
+use crate::expr::Expr;
+use crate::index::bitmap::{intersect_all, union_all};
+use crate::index::keys::DenseId;
+use crate::index::{Attribute, AttributeKind, Bitmap};
+use crate::rng::SplitMix64;
+use crate::time::{format_rfc3339, Millis};
+
+/// Who to count or list: an expression, or a saved segment's materialized members.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Audience {
+    Expression(Expr),
+    Segment(String),
+}
+
+/// A count, with an optional breakdown.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CountResult {
+    pub count: u64,
+    /// `(value, users)`, largest first, at most the requested number.
+    pub breakdown: Vec<(String, u64)>,
+    /// Matching users with no value for the breakdown attribute.
+    pub null_count: u64,
+    /// The sum of the counts left out of `breakdown`.
+    pub other_count: u64,
+}
+
+/// Overlap between audiences.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OverlapResult {
+    pub sizes: Vec<u64>,
+    /// `(i, j, |a_i ∩ a_j|)` for every `i < j`.
+    pub pairs: Vec<(usize, usize, u64)>,
+    pub intersection: u64,
+    pub union: u64,
+    /// `cumulative_reach[k] = |a_0 ∪ … ∪ a_k|`.
+    pub cumulative_reach: Vec<u64>,
+}
+
+/// One attribute in the schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeInfo {
+    pub name: String,
+    pub kind: AttributeKind,
+    pub distinct_values: u64,
+    pub null_count: u64,
+}
+
+impl DatasetState {
+    /// The members of an audience, as a shared set.
+    ///
+    /// # Errors
+    /// Unknown names and mismatched kinds in the expression; an unknown segment.
+    pub fn select(&self, audience: &Audience, as_of: Millis) -> Result<Arc<Bitmap>> {
+        match audience {
+            Audience::Segment(id) => Ok(self.segment(id)?.members.clone()),
+            Audience::Expression(expr) => {
+                let plan = Binder::new(self, as_of).bind(expr)?;
+                Ok(Arc::new(plan.select(Scope::All(&self.live))))
+            }
+        }
+    }
+
+    /// The number of members, without building the set where the plan allows.
+    ///
+    /// # Errors
+    /// As [`DatasetState::select`].
+    pub fn count(&self, audience: &Audience, as_of: Millis) -> Result<u64> {
+        match audience {
+            Audience::Segment(id) => Ok(self.segment(id)?.members.len()),
+            Audience::Expression(expr) => {
+                let plan = Binder::new(self, as_of).bind(expr)?;
+                Ok(plan.count(Scope::All(&self.live)))
+            }
+        }
+    }
+
+    /// The count of an audience broken down by the values of one attribute.
+    ///
+    /// # Errors
+    /// As [`DatasetState::select`], and an unknown breakdown attribute.
+    pub fn count_by(
+        &self,
+        audience: &Audience,
+        as_of: Millis,
+        attribute: &str,
+        limit: usize,
+    ) -> Result<CountResult> {
+        let attr = self
+            .attributes
+            .get(attribute)
+            .ok_or_else(|| EngineError::UnknownAttribute(attribute.to_owned()))?;
+        let members = self.select(audience, as_of)?;
+        let mut counts = value_counts(attr, &members);
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let other_count = counts.iter().skip(limit).map(|(_, n)| n).sum();
+        counts.truncate(limit);
+        Ok(CountResult {
+            count: members.len(),
+            breakdown: counts,
+            null_count: members.len() - attr.present().intersection_len(&members),
+            other_count,
+        })
+    }
+
+    /// A saved segment.
+    ///
+    /// # Errors
+    /// An unknown id.
+    pub fn segment(&self, id: &str) -> Result<&Arc<super::state::Segment>> {
+        self.segments
+            .get(id)
+            .ok_or_else(|| EngineError::SegmentNotFound(id.to_owned()))
+    }
+
+    /// The external ids of dense ids (skipping any that are not live).
+    pub fn external_ids(&self, ids: impl IntoIterator<Item = DenseId>) -> Vec<String> {
+        ids.into_iter()
+            .filter_map(|id| self.keys.key(id).map(str::to_owned))
+            .collect()
+    }
+
+    /// Overlap between audiences: every pair, all of them, and cumulative reach in order.
+    ///
+    /// # Errors
+    /// As [`DatasetState::select`] for any audience.
+    pub fn overlap(&self, audiences: &[Audience], as_of: Millis) -> Result<OverlapResult> {
+        let sets = audiences
+            .iter()
+            .map(|a| self.select(a, as_of))
+            .collect::<Result<Vec<_>>>()?;
+        let mut result = OverlapResult {
+            sizes: sets.iter().map(|s| s.len()).collect(),
+            ..Default::default()
+        };
+        for i in 0..sets.len() {
+            for j in i + 1..sets.len() {
+                result
+                    .pairs
+                    .push((i, j, sets[i].intersection_len(&sets[j])));
+            }
+        }
+        result.intersection = intersect_all(sets.iter().map(|s| &**s)).len();
+        let mut reach = Bitmap::new();
+        for set in &sets {
+            reach |= &**set;
+            result.cumulative_reach.push(reach.len());
+        }
+        result.union = union_all(sets.iter().map(|s| &**s)).len();
+        Ok(result)
+    }
+
+    /// The saved segments that contain a user, sorted by id; empty for an unknown user.
+    pub fn segments_for_user(&self, user_id: &str) -> Vec<&str> {
+        let Some(id) = self.live_id(user_id) else {
+            return Vec::new();
+        };
+        self.segments
+            .iter()
+            .filter(|(_, segment)| segment.members.contains(id))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
+    /// Whether a user is in each segment, in order; `None` for an unknown user.
+    ///
+    /// # Errors
+    /// An unknown segment id.
+    pub fn check_membership(
+        &self,
+        user_id: &str,
+        segment_ids: &[String],
+    ) -> Result<Option<Vec<bool>>> {
+        let segments = segment_ids
+            .iter()
+            .map(|id| self.segment(id))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(id) = self.live_id(user_id) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            segments.iter().map(|s| s.members.contains(id)).collect(),
+        ))
+    }
+
+    /// The dense id of a live user.
+    pub fn live_id(&self, user_id: &str) -> Option<DenseId> {
+        self.keys
+            .lookup(user_id)
+            .filter(|&id| self.live.contains(id))
+    }
+
+    /// Every attribute with its kind, distinct values and nulls among live users.
+    pub fn describe(&self) -> Vec<AttributeInfo> {
+        self.attributes
+            .iter()
+            .map(|(name, attr)| AttributeInfo {
+                name: name.clone(),
+                kind: attr.kind(),
+                distinct_values: attr.distinct_values(),
+                null_count: self.live.len() - attr.present().intersection_len(&self.live),
+            })
+            .collect()
+    }
+}
+
+/// A uniformly random sample of `size` members without replacement, reproducible by `seed`,
+/// in id order. Floyd's algorithm picks distinct ranks; `select` maps a rank to its member.
+pub fn sample(members: &Bitmap, size: usize, seed: u64) -> Vec<DenseId> {
+    let total = members.len();
+    if size as u64 >= total {
+        return members.iter().collect();
+    }
+    let mut rng = SplitMix64::new(seed);
+    let mut ranks = std::collections::BTreeSet::new();
+    for upper in total - size as u64..total {
+        let pick = rng.below(upper + 1);
+        if !ranks.insert(pick) {
+            ranks.insert(upper);
+        }
+    }
+    ranks
+        .into_iter()
+        .filter_map(|rank| u32::try_from(rank).ok().and_then(|r| members.select(r)))
+        .collect()
+}
+
+/// `(value as text, members holding it)` for every value of an attribute held by a member.
+fn value_counts(attr: &Attribute, members: &Bitmap) -> Vec<(String, u64)> {
+    let from_sets = |values: Vec<(&str, &Arc<Bitmap>)>| {
+        values
+            .into_iter()
+            .map(|(v, users)| (v.to_owned(), users.intersection_len(members)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    };
+    match attr {
+        Attribute::Categorical(a) => from_sets(a.values().collect()),
+        Attribute::Set(a) => from_sets(a.values().collect()),
+        Attribute::Boolean(a) => [(true, &a.true_users), (false, &a.false_users)]
+            .into_iter()
+            .map(|(v, users)| (v.to_string(), users.intersection_len(members)))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        Attribute::Integer(c) => {
+            tally(members.iter().filter_map(|id| c.get(id)), |v| v.to_string())
+        }
+        Attribute::Timestamp(c) => tally(members.iter().filter_map(|id| c.get(id)), format_rfc3339),
+        Attribute::Float(c) => tally(
+            members.iter().filter_map(|id| c.get(id).map(f64::to_bits)),
+            |bits| f64::from_bits(bits).to_string(),
+        ),
+    }
+}
+
+fn tally<T: std::hash::Hash + Eq>(
+    values: impl Iterator<Item = T>,
+    text: impl Fn(T) -> String,
+) -> Vec<(String, u64)> {
+    let mut counts: HashMap<T, u64> = HashMap::new();
+    for value in values {
+        *counts.entry(value).or_default() += 1;
+    }
+    counts.into_iter().map(|(v, n)| (text(v), n)).collect()
+}

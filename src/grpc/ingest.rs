@@ -1,0 +1,280 @@
+//! `IngestService`: upserts, deletions and bulk imports, each applied all or nothing.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::convert::user_updates;
+use super::pb;
+use super::status::{invalid, to_status};
+use super::Services;
+use crate::engine::import::{open_file, DEFAULT_ID_COLUMN};
+use crate::engine::{Change, Engine, EngineError, Import, ImportBatch};
+
+/// Rows per batch when the server reads a file itself.
+const FILE_BATCH_ROWS: usize = 64 * 1024;
+/// Progress messages buffered ahead of the caller.
+const PROGRESS_BUFFER: usize = 16;
+
+/// The ingest service.
+#[derive(Debug, Clone)]
+pub struct IngestApi {
+    engine: Arc<Engine>,
+}
+
+impl IngestApi {
+    pub fn new(services: &Services) -> Self {
+        Self {
+            engine: services.engine.clone(),
+        }
+    }
+}
+
+type ProgressStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImportProgress, Status>> + Send>>;
+type ProgressSender = mpsc::Sender<Result<pb::ImportProgress, Status>>;
+
+/// One import under way: applies batches and reports progress.
+struct ImportRun {
+    import: Import,
+    id_column: String,
+    rows_read: u64,
+    rows_total: u64,
+    progress: ProgressSender,
+}
+
+impl ImportRun {
+    async fn start(
+        engine: &Engine,
+        dataset: &str,
+        id_column: &str,
+        rows_total: u64,
+        progress: ProgressSender,
+    ) -> Result<Self, Status> {
+        let import = engine
+            .begin_import(dataset)
+            .await
+            .map_err(|e| to_status(e, "dataset"))?;
+        let id_column = if id_column.is_empty() {
+            DEFAULT_ID_COLUMN
+        } else {
+            id_column
+        };
+        Ok(Self {
+            import,
+            id_column: id_column.to_owned(),
+            rows_read: 0,
+            rows_total,
+            progress,
+        })
+    }
+
+    async fn push(&mut self, batch: RecordBatch) -> Result<(), Status> {
+        let rows = batch.num_rows() as u64;
+        let first_row = self.rows_read;
+        self.import
+            .apply(ImportBatch {
+                batch,
+                id_column: self.id_column.clone(),
+            })
+            .await
+            .map_err(|e| to_status(e, &format!("rows {first_row}..{}", first_row + rows)))?;
+        self.rows_read += rows;
+        // A caller that stopped reading progress does not stop the import.
+        let _ = self.progress.try_send(Ok(self.report(false)));
+        Ok(())
+    }
+
+    fn report(&self, done: bool) -> pb::ImportProgress {
+        let outcome = self.import.outcome();
+        pb::ImportProgress {
+            rows_read: self.rows_read,
+            rows_total: self.rows_total,
+            done,
+            users_created: outcome.created,
+            users_updated: outcome.updated,
+        }
+    }
+
+    async fn finish(self) -> Result<(), Status> {
+        let last = self.report(true);
+        self.import.commit().map_err(|e| to_status(e, ""))?;
+        tracing::info!(
+            rows = last.rows_read,
+            created = last.users_created,
+            updated = last.users_updated,
+            "import committed"
+        );
+        let _ = self.progress.send(Ok(last)).await;
+        Ok(())
+    }
+}
+
+/// Decodes an Arrow IPC stream sent in arbitrary chunks and imports it.
+async fn import_stream(
+    engine: Arc<Engine>,
+    first: pb::ImportUsersRequest,
+    mut input: Streaming<pb::ImportUsersRequest>,
+    progress: ProgressSender,
+) -> Result<(), Status> {
+    let mut run = ImportRun::start(&engine, &first.dataset, &first.id_column, 0, progress).await?;
+    let mut decoder = arrow_ipc::reader::StreamDecoder::new();
+    let mut chunk = Some(first.arrow_ipc_chunk);
+    loop {
+        let bytes = match chunk.take() {
+            Some(bytes) => bytes,
+            None => match input.message().await? {
+                Some(message) => message.arrow_ipc_chunk,
+                None => break,
+            },
+        };
+        let mut buffer = arrow_buffer::Buffer::from(bytes);
+        while !buffer.is_empty() {
+            let decoded = decoder
+                .decode(&mut buffer)
+                .map_err(|e| to_status(EngineError::Arrow(e), "arrow_ipc_chunk"))?;
+            if let Some(batch) = decoded {
+                run.push(batch).await?;
+            }
+        }
+    }
+    decoder
+        .finish()
+        .map_err(|e| to_status(EngineError::Arrow(e), "arrow_ipc_chunk"))?;
+    run.finish().await
+}
+
+/// Imports a file the server reads itself.
+async fn import_file(
+    engine: Arc<Engine>,
+    request: pb::ImportUsersFileRequest,
+    progress: ProgressSender,
+) -> Result<(), Status> {
+    let path = PathBuf::from(&request.path);
+    let source = tokio::task::spawn_blocking(move || open_file(&path, FILE_BATCH_ROWS))
+        .await
+        .map_err(|e| to_status(EngineError::Internal(e.to_string()), ""))?
+        .map_err(|e| to_status(e, "path"))?;
+    let total = source.total_rows.unwrap_or(0);
+    let mut run = ImportRun::start(
+        &engine,
+        &request.dataset,
+        &request.id_column,
+        total,
+        progress,
+    )
+    .await?;
+    let mut batches = source.batches;
+    loop {
+        let (next, rest) = tokio::task::spawn_blocking(move || (batches.next(), batches))
+            .await
+            .map_err(|e| to_status(EngineError::Internal(e.to_string()), ""))?;
+        batches = rest;
+        match next {
+            Some(batch) => run.push(batch.map_err(|e| to_status(e, "path"))?).await?,
+            None => break,
+        }
+    }
+    run.finish().await
+}
+
+/// Runs an import task that reports its progress, and its failure, on the response stream.
+fn spawn_import<F>(work: impl FnOnce(ProgressSender) -> F) -> ProgressStream
+where
+    F: std::future::Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let (sender, receiver) = mpsc::channel(PROGRESS_BUFFER);
+    let task = work(sender.clone());
+    tokio::spawn(
+        async move {
+            if let Err(status) = task.await {
+                let _ = sender.send(Err(status)).await;
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+    Box::pin(ReceiverStream::new(receiver))
+}
+
+#[tonic::async_trait]
+impl pb::ingest_service_server::IngestService for IngestApi {
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, users = request.get_ref().users.len()))]
+    async fn upsert_users(
+        &self,
+        request: Request<pb::UpsertUsersRequest>,
+    ) -> Result<Response<pb::UpsertUsersResponse>, Status> {
+        let request = request.into_inner();
+        let updates = user_updates(&request.users)?;
+        let outcome = self
+            .engine
+            .apply(&request.dataset, Change::UpsertUsers(updates))
+            .await
+            .map_err(|e| to_status(e, "users"))?;
+        Ok(Response::new(pb::UpsertUsersResponse {
+            created: outcome.created,
+            updated: outcome.updated,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, users = request.get_ref().user_ids.len()))]
+    async fn delete_users(
+        &self,
+        request: Request<pb::DeleteUsersRequest>,
+    ) -> Result<Response<pb::DeleteUsersResponse>, Status> {
+        let request = request.into_inner();
+        if let Some(index) = request.user_ids.iter().position(String::is_empty) {
+            return Err(invalid(&format!("user_ids[{index}]"), "must not be empty"));
+        }
+        let outcome = self
+            .engine
+            .apply(&request.dataset, Change::DeleteUsers(request.user_ids))
+            .await
+            .map_err(|e| to_status(e, "user_ids"))?;
+        Ok(Response::new(pb::DeleteUsersResponse {
+            deleted: outcome.deleted,
+            not_found: outcome.not_found,
+        }))
+    }
+
+    type ImportUsersStream = ProgressStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn import_users(
+        &self,
+        request: Request<Streaming<pb::ImportUsersRequest>>,
+    ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        let mut input = request.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
+        tracing::Span::current().record("dataset", first.dataset.as_str());
+        let engine = self.engine.clone();
+        Ok(Response::new(spawn_import(|progress| {
+            import_stream(engine, first, input, progress)
+        })))
+    }
+
+    type ImportUsersFileStream = ProgressStream;
+
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, path = %request.get_ref().path))]
+    async fn import_users_file(
+        &self,
+        request: Request<pb::ImportUsersFileRequest>,
+    ) -> Result<Response<Self::ImportUsersFileStream>, Status> {
+        let request = request.into_inner();
+        if request.path.is_empty() {
+            return Err(invalid("path", "must not be empty"));
+        }
+        let engine = self.engine.clone();
+        Ok(Response::new(spawn_import(|progress| {
+            import_file(engine, request, progress)
+        })))
+    }
+}

@@ -1,0 +1,140 @@
+//! The gRPC edge: generated types, the services, and one server builder that applies message
+//! limits to every service and serves health and reflection beside them.
+//!
+//! Handlers stay thin: validate and convert the request, call the engine (CPU-heavy work on the
+//! blocking pool), convert the answer back. Errors become statuses only here ([`status`]).
+
+pub mod convert;
+pub mod ingest;
+pub mod query;
+pub mod schema;
+pub mod segment;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
+
+use crate::engine::Engine;
+
+/// Generated protobuf and tonic code for `audience.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("audience.v1");
+
+    /// The encoded descriptor set that server reflection serves.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/audience_descriptor.bin"));
+}
+
+/// Runs a CPU-heavy closure on the blocking pool, keeping the async workers free.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T, Status>
+where
+    F: FnOnce() -> Result<T, Status> + Send + 'static,
+    T: Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "blocking task failed");
+            Status::internal("internal error; see the server log")
+        })?
+}
+
+/// The server's shared state handed to every service.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub engine: Arc<Engine>,
+    /// Largest message decoded or encoded.
+    pub max_message_bytes: usize,
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Names of the services whose health is reported besides the server's (`""`).
+const SERVICE_NAMES: &[&str] = &[
+    "audience.v1.QueryService",
+    "audience.v1.SegmentService",
+    "audience.v1.IngestService",
+    "audience.v1.SchemaService",
+];
+
+async fn set_all(
+    reporter: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
+/// Serves every service on `listener` until `shutdown` completes.
+///
+/// Health starts NOT_SERVING; when `ready` completes (after any start-up load) it turns
+/// SERVING. On shutdown health turns NOT_SERVING first, then in-flight requests finish.
+///
+/// # Errors
+/// A transport failure, or a descriptor set reflection cannot read.
+pub async fn serve(
+    services: Services,
+    listener: TcpListener,
+    ready: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let limit = services.max_message_bytes;
+    let query = pb::query_service_server::QueryServiceServer::new(query::QueryApi::new(&services))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let segments =
+        pb::segment_service_server::SegmentServiceServer::new(segment::SegmentApi::new(&services))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+    let ingest =
+        pb::ingest_service_server::IngestServiceServer::new(ingest::IngestApi::new(&services))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+    let schema =
+        pb::schema_service_server::SchemaServiceServer::new(schema::SchemaApi::new(&services))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+
+    let ready_reporter = reporter.clone();
+    tokio::spawn(async move {
+        ready.await;
+        set_all(&ready_reporter, tonic_health::ServingStatus::Serving).await;
+        tracing::info!("serving");
+    });
+    let shutdown = async move {
+        shutdown.await;
+        set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        tracing::info!("shutting down");
+    };
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(query)
+        .add_service(segments)
+        .add_service(ingest)
+        .add_service(schema)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

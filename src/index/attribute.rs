@@ -1,0 +1,390 @@
+//! One attribute of a dataset's users, kept as a column and bitmaps by kind.
+//!
+//! Invariant shared by every kind: each bitmap holds only live users (a deleted user is removed
+//! from all of them), so evaluation never needs to intersect with the live set.
+
+use std::sync::Arc;
+
+use super::bitmap::Bitmap;
+use super::chunked::ChunkedVec;
+use super::dictionary::{ValueCode, ValueDictionary};
+use super::keys::DenseId;
+use super::numeric::NumericColumn;
+
+/// What kind of values an attribute holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttributeKind {
+    /// One string value per user.
+    Categorical,
+    /// Several string values per user; no values is null.
+    Set,
+    Boolean,
+    Integer,
+    Float,
+    /// Milliseconds since the Unix epoch.
+    Timestamp,
+}
+
+impl AttributeKind {
+    /// The kind's name in messages and the schema.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttributeKind::Categorical => "categorical",
+            AttributeKind::Set => "set",
+            AttributeKind::Boolean => "boolean",
+            AttributeKind::Integer => "integer",
+            AttributeKind::Float => "float",
+            AttributeKind::Timestamp => "timestamp",
+        }
+    }
+}
+
+/// The code column's marker for "no value".
+const NULL_CODE: ValueCode = ValueCode::MAX;
+
+/// A categorical attribute: a bitmap per value plus each user's value code.
+#[derive(Debug, Clone, Default)]
+pub struct Categorical {
+    pub dictionary: ValueDictionary,
+    /// Indexed by value code.
+    bitmaps: Vec<Arc<Bitmap>>,
+    /// Each user's code, so that an update finds the bitmap to leave in O(1).
+    codes: CodeColumn,
+    present: Arc<Bitmap>,
+}
+
+/// A `ChunkedVec<ValueCode>` whose default reads as null.
+#[derive(Debug, Clone)]
+struct CodeColumn(ChunkedVec<ValueCode>);
+
+impl Default for CodeColumn {
+    fn default() -> Self {
+        Self(ChunkedVec::new(NULL_CODE))
+    }
+}
+
+impl Categorical {
+    /// The bitmap of a value code (empty for a code with no users).
+    pub fn bitmap(&self, code: ValueCode) -> Option<&Arc<Bitmap>> {
+        self.bitmaps.get(code as usize)
+    }
+
+    /// Users with a value.
+    pub fn present(&self) -> &Arc<Bitmap> {
+        &self.present
+    }
+
+    /// The value of one user.
+    pub fn value(&self, id: DenseId) -> Option<&str> {
+        match self.codes.0.get(id) {
+            NULL_CODE => None,
+            code => self.dictionary.value(code),
+        }
+    }
+
+    /// Sets one user's value.
+    pub fn set(&mut self, id: DenseId, value: &str) {
+        let code = self.dictionary.intern(value);
+        self.set_code(id, code);
+    }
+
+    /// Sets one user's value by a code from [`ValueDictionary::intern`] (bulk loads intern each
+    /// distinct value once).
+    pub fn set_code(&mut self, id: DenseId, code: ValueCode) {
+        let old = self.codes.0.get(id);
+        if old == code {
+            return;
+        }
+        self.clear(id);
+        if self.bitmaps.len() <= code as usize {
+            self.bitmaps
+                .resize_with(code as usize + 1, || Arc::new(Bitmap::new()));
+        }
+        Arc::make_mut(&mut self.bitmaps[code as usize]).insert(id);
+        self.codes.0.set(id, code);
+        Arc::make_mut(&mut self.present).insert(id);
+    }
+
+    /// Makes one user's value null.
+    pub fn clear(&mut self, id: DenseId) {
+        let old = self.codes.0.get(id);
+        if old == NULL_CODE {
+            return;
+        }
+        if let Some(bitmap) = self.bitmaps.get_mut(old as usize) {
+            Arc::make_mut(bitmap).remove(id);
+        }
+        self.codes.0.set(id, NULL_CODE);
+        Arc::make_mut(&mut self.present).remove(id);
+    }
+
+    /// Every `(value, users)` with at least one user.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &Arc<Bitmap>)> {
+        self.dictionary
+            .iter()
+            .filter_map(|(code, value)| Some((value, self.bitmap(code)?)))
+            .filter(|(_, users)| !users.is_empty())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        bitmaps_bytes(&self.bitmaps) + self.codes.0.heap_bytes() + self.present.serialized_size()
+    }
+}
+
+/// A set attribute: a bitmap per value; a user with no values is null.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttribute {
+    pub dictionary: ValueDictionary,
+    /// Indexed by value code.
+    bitmaps: Vec<Arc<Bitmap>>,
+    /// Users with at least one value.
+    present: Arc<Bitmap>,
+}
+
+impl SetAttribute {
+    /// The bitmap of a value code.
+    pub fn bitmap(&self, code: ValueCode) -> Option<&Arc<Bitmap>> {
+        self.bitmaps.get(code as usize)
+    }
+
+    /// Users with at least one value.
+    pub fn present(&self) -> &Arc<Bitmap> {
+        &self.present
+    }
+
+    /// The values of one user, in code order.
+    pub fn values_of(&self, id: DenseId) -> Vec<&str> {
+        if !self.present.contains(id) {
+            return Vec::new();
+        }
+        self.dictionary
+            .iter()
+            .filter(|(code, _)| self.bitmaps[*code as usize].contains(id))
+            .map(|(_, value)| value)
+            .collect()
+    }
+
+    /// Adds values to one user's set.
+    pub fn add<'a>(&mut self, id: DenseId, values: impl IntoIterator<Item = &'a str>) {
+        let mut added = false;
+        for value in values {
+            let code = self.dictionary.intern(value) as usize;
+            if self.bitmaps.len() <= code {
+                self.bitmaps
+                    .resize_with(code + 1, || Arc::new(Bitmap::new()));
+            }
+            if !self.bitmaps[code].contains(id) {
+                Arc::make_mut(&mut self.bitmaps[code]).insert(id);
+            }
+            added = true;
+        }
+        if added && !self.present.contains(id) {
+            Arc::make_mut(&mut self.present).insert(id);
+        }
+    }
+
+    /// Removes values from one user's set; removing the last makes it null.
+    pub fn remove<'a>(&mut self, id: DenseId, values: impl IntoIterator<Item = &'a str>) {
+        if !self.present.contains(id) {
+            return;
+        }
+        for value in values {
+            if let Some(code) = self.dictionary.code(value) {
+                let bitmap = &mut self.bitmaps[code as usize];
+                if bitmap.contains(id) {
+                    Arc::make_mut(bitmap).remove(id);
+                }
+            }
+        }
+        if !self.bitmaps.iter().any(|b| b.contains(id)) {
+            Arc::make_mut(&mut self.present).remove(id);
+        }
+    }
+
+    /// Replaces one user's set.
+    pub fn set<'a>(&mut self, id: DenseId, values: impl IntoIterator<Item = &'a str>) {
+        self.clear(id);
+        self.add(id, values);
+    }
+
+    /// Makes one user's set empty (null).
+    pub fn clear(&mut self, id: DenseId) {
+        if !self.present.contains(id) {
+            return;
+        }
+        for bitmap in &mut self.bitmaps {
+            if bitmap.contains(id) {
+                Arc::make_mut(bitmap).remove(id);
+            }
+        }
+        Arc::make_mut(&mut self.present).remove(id);
+    }
+
+    /// Every `(value, users)` with at least one user.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &Arc<Bitmap>)> {
+        self.dictionary
+            .iter()
+            .filter_map(|(code, value)| Some((value, self.bitmap(code)?)))
+            .filter(|(_, users)| !users.is_empty())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        bitmaps_bytes(&self.bitmaps) + self.present.serialized_size()
+    }
+}
+
+/// A boolean attribute: the users holding `true` and those holding `false`.
+#[derive(Debug, Clone, Default)]
+pub struct BooleanAttribute {
+    pub true_users: Arc<Bitmap>,
+    pub false_users: Arc<Bitmap>,
+}
+
+impl BooleanAttribute {
+    /// The value of one user.
+    pub fn value(&self, id: DenseId) -> Option<bool> {
+        if self.true_users.contains(id) {
+            Some(true)
+        } else if self.false_users.contains(id) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// The users holding `value`.
+    pub fn users(&self, value: bool) -> &Arc<Bitmap> {
+        if value {
+            &self.true_users
+        } else {
+            &self.false_users
+        }
+    }
+
+    /// Sets one user's value.
+    pub fn set(&mut self, id: DenseId, value: bool) {
+        let (to, from) = if value {
+            (&mut self.true_users, &mut self.false_users)
+        } else {
+            (&mut self.false_users, &mut self.true_users)
+        };
+        if from.contains(id) {
+            Arc::make_mut(from).remove(id);
+        }
+        if !to.contains(id) {
+            Arc::make_mut(to).insert(id);
+        }
+    }
+
+    /// Makes one user's value null.
+    pub fn clear(&mut self, id: DenseId) {
+        for users in [&mut self.true_users, &mut self.false_users] {
+            if users.contains(id) {
+                Arc::make_mut(users).remove(id);
+            }
+        }
+    }
+
+    /// Users with a value.
+    pub fn present(&self) -> Bitmap {
+        &*self.true_users | &*self.false_users
+    }
+}
+
+/// One attribute: its storage by kind.
+#[derive(Debug, Clone)]
+pub enum Attribute {
+    Categorical(Categorical),
+    Set(SetAttribute),
+    Boolean(BooleanAttribute),
+    Integer(NumericColumn<i64>),
+    Float(NumericColumn<f64>),
+    Timestamp(NumericColumn<i64>),
+}
+
+impl Attribute {
+    /// An empty attribute of `kind`.
+    pub fn new(kind: AttributeKind) -> Self {
+        match kind {
+            AttributeKind::Categorical => Attribute::Categorical(Categorical::default()),
+            AttributeKind::Set => Attribute::Set(SetAttribute::default()),
+            AttributeKind::Boolean => Attribute::Boolean(BooleanAttribute::default()),
+            AttributeKind::Integer => Attribute::Integer(NumericColumn::default()),
+            AttributeKind::Float => Attribute::Float(NumericColumn::default()),
+            AttributeKind::Timestamp => Attribute::Timestamp(NumericColumn::default()),
+        }
+    }
+
+    /// The attribute's kind.
+    pub fn kind(&self) -> AttributeKind {
+        match self {
+            Attribute::Categorical(_) => AttributeKind::Categorical,
+            Attribute::Set(_) => AttributeKind::Set,
+            Attribute::Boolean(_) => AttributeKind::Boolean,
+            Attribute::Integer(_) => AttributeKind::Integer,
+            Attribute::Float(_) => AttributeKind::Float,
+            Attribute::Timestamp(_) => AttributeKind::Timestamp,
+        }
+    }
+
+    /// Users with a value.
+    pub fn present(&self) -> Arc<Bitmap> {
+        match self {
+            Attribute::Categorical(a) => a.present().clone(),
+            Attribute::Set(a) => a.present().clone(),
+            Attribute::Boolean(a) => Arc::new(a.present()),
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.present().clone(),
+            Attribute::Float(a) => a.present().clone(),
+        }
+    }
+
+    /// Makes one user's value null (used when the user is deleted).
+    pub fn clear(&mut self, id: DenseId) {
+        match self {
+            Attribute::Categorical(a) => a.clear(id),
+            Attribute::Set(a) => a.clear(id),
+            Attribute::Boolean(a) => a.clear(id),
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.clear(id),
+            Attribute::Float(a) => a.clear(id),
+        }
+    }
+
+    /// Number of distinct values held by at least one live user.
+    pub fn distinct_values(&self) -> u64 {
+        match self {
+            Attribute::Categorical(a) => a.values().count() as u64,
+            Attribute::Set(a) => a.values().count() as u64,
+            Attribute::Boolean(a) => {
+                u64::from(!a.true_users.is_empty()) + u64::from(!a.false_users.is_empty())
+            }
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.distinct_values(),
+            Attribute::Float(a) => a.distinct_values(),
+        }
+    }
+
+    /// Re-cuts range indexes that fell out of balance after writes.
+    pub fn rebalance(&mut self) {
+        match self {
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.rebalance(),
+            Attribute::Float(a) => a.rebalance(),
+            Attribute::Categorical(_) | Attribute::Set(_) | Attribute::Boolean(_) => {}
+        }
+    }
+
+    /// Approximate heap bytes (bitmaps at their serialized size).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Attribute::Categorical(a) => a.heap_bytes(),
+            Attribute::Set(a) => a.heap_bytes(),
+            Attribute::Boolean(a) => {
+                a.true_users.serialized_size() + a.false_users.serialized_size()
+            }
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.heap_bytes(),
+            Attribute::Float(a) => a.heap_bytes(),
+        }
+    }
+}
+
+fn bitmaps_bytes(bitmaps: &[Arc<Bitmap>]) -> usize {
+    bitmaps.iter().map(|b| b.serialized_size()).sum()
+}

@@ -1,0 +1,420 @@
+//! Numeric columns with a value-bucketed bitmap index for range predicates.
+//!
+//! Each bucket holds the users whose value falls in `[lower, next bucket's lower)`, plus the
+//! actual `min`/`max` seen in it. A range query takes whole buckets that lie inside the range as
+//! bitmaps (no row is read), skips buckets outside it, and reads the column only for the members
+//! of the one or two buckets that straddle an end. A column with few distinct values (ages,
+//! ratings) gets one bucket per value, so its ranges are pure bitmap unions; a high-cardinality
+//! column (money, timestamps) gets equi-depth buckets, so an edge pass reads ~1/128 of the rows.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use super::bitmap::{union_all, Bitmap};
+use super::chunked::ChunkedVec;
+use super::keys::DenseId;
+
+/// Distinct values up to which every value gets its own bucket.
+const EXACT_BUCKETS: usize = 256;
+/// Buckets for a high-cardinality column.
+const DEPTH_BUCKETS: usize = 128;
+/// Values sampled to choose bucket bounds.
+const BOUND_SAMPLE: usize = 1 << 16;
+/// A bucket smaller than this is never worth a rebuild.
+const MIN_REBUILD_BUCKET: u64 = 4096;
+
+/// A value type of a numeric column: totally ordered (floats never hold NaN here).
+pub trait NumericValue:
+    Copy + PartialOrd + Default + std::fmt::Debug + Send + Sync + 'static
+{
+    /// The smallest value, the lower bound of the first bucket.
+    const LOWEST: Self;
+    /// A total order (floats: IEEE total order; NaN never enters a column).
+    fn order(&self, other: &Self) -> Ordering;
+}
+
+impl NumericValue for i64 {
+    const LOWEST: Self = i64::MIN;
+    fn order(&self, other: &Self) -> Ordering {
+        self.cmp(other)
+    }
+}
+
+impl NumericValue for f64 {
+    const LOWEST: Self = f64::NEG_INFINITY;
+    fn order(&self, other: &Self) -> Ordering {
+        self.total_cmp(other)
+    }
+}
+
+/// An inclusive range of values; `low > high` is the empty range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueRange<T> {
+    pub low: T,
+    pub high: T,
+}
+
+impl<T: NumericValue> ValueRange<T> {
+    /// True when `value` lies in the range.
+    #[inline]
+    pub fn contains(&self, value: T) -> bool {
+        value.order(&self.low).is_ge() && value.order(&self.high).is_le()
+    }
+
+    /// True when no value can lie in the range.
+    pub fn is_empty(&self) -> bool {
+        self.low.order(&self.high).is_gt()
+    }
+}
+
+/// Users whose value lies in `[lower, next lower)`.
+#[derive(Debug, Clone)]
+struct Bucket<T> {
+    lower: T,
+    /// Smallest and largest value ever added since the last rebuild (a superset after removals).
+    min: T,
+    max: T,
+    members: Arc<Bitmap>,
+}
+
+/// How a bucket relates to a queried range.
+enum Overlap {
+    Outside,
+    Inside,
+    Edge,
+}
+
+impl<T: NumericValue> Bucket<T> {
+    fn empty(lower: T) -> Self {
+        Self {
+            lower,
+            min: lower,
+            max: lower,
+            members: Arc::new(Bitmap::new()),
+        }
+    }
+
+    fn overlap(&self, range: &ValueRange<T>) -> Overlap {
+        if self.members.is_empty()
+            || self.max.order(&range.low).is_lt()
+            || self.min.order(&range.high).is_gt()
+        {
+            Overlap::Outside
+        } else if range.contains(self.min) && range.contains(self.max) {
+            Overlap::Inside
+        } else {
+            Overlap::Edge
+        }
+    }
+
+    fn add(&mut self, id: DenseId, value: T) {
+        if self.members.is_empty() {
+            self.min = value;
+            self.max = value;
+        } else {
+            if value.order(&self.min).is_lt() {
+                self.min = value;
+            }
+            if value.order(&self.max).is_gt() {
+                self.max = value;
+            }
+        }
+        Arc::make_mut(&mut self.members).insert(id);
+    }
+}
+
+/// A nullable numeric column and its range index.
+#[derive(Debug, Clone)]
+pub struct NumericColumn<T: NumericValue> {
+    /// The value of every user; meaningful only where `present` holds.
+    values: ChunkedVec<T>,
+    /// Users with a value.
+    present: Arc<Bitmap>,
+    /// Sorted by `lower`; the first bucket's lower is `T::LOWEST`, so every value has one.
+    buckets: Vec<Bucket<T>>,
+}
+
+impl<T: NumericValue> Default for NumericColumn<T> {
+    fn default() -> Self {
+        Self {
+            values: ChunkedVec::new(T::default()),
+            present: Arc::new(Bitmap::new()),
+            buckets: vec![Bucket::empty(T::LOWEST)],
+        }
+    }
+}
+
+impl<T: NumericValue> NumericColumn<T> {
+    /// The value of one user, if any.
+    #[inline]
+    pub fn get(&self, id: DenseId) -> Option<T> {
+        self.present.contains(id).then(|| self.values.get(id))
+    }
+
+    /// Users with a value.
+    pub fn present(&self) -> &Arc<Bitmap> {
+        &self.present
+    }
+
+    /// Sets one user's value, replacing any previous one.
+    pub fn set(&mut self, id: DenseId, value: T) {
+        self.clear(id);
+        self.values.set(id, value);
+        Arc::make_mut(&mut self.present).insert(id);
+        let bucket = self.bucket_of(value);
+        self.buckets[bucket].add(id, value);
+    }
+
+    /// Makes one user's value null.
+    pub fn clear(&mut self, id: DenseId) {
+        if let Some(old) = self.get(id) {
+            let bucket = self.bucket_of(old);
+            Arc::make_mut(&mut self.buckets[bucket].members).remove(id);
+            Arc::make_mut(&mut self.present).remove(id);
+        }
+    }
+
+    /// The users whose value lies in `range`, among `within` (all users when `None`).
+    pub fn select(&self, range: &ValueRange<T>, within: Option<&Bitmap>) -> Bitmap {
+        if range.is_empty() {
+            return Bitmap::new();
+        }
+        if let Some(universe) = within {
+            if self.prefers_scan(range, universe) {
+                return self.filter(universe.iter(), range);
+            }
+        }
+        let (inside, edges) = self.classify(range);
+        let mut selected = union_all(inside.iter().map(|b| &**b));
+        for edge in &edges {
+            selected |= self.filter(edge.iter(), range);
+        }
+        match within {
+            Some(universe) => selected & universe,
+            None => selected,
+        }
+    }
+
+    /// The number of users whose value lies in `range`, among `within`, without building the set
+    /// where whole buckets answer.
+    pub fn count(&self, range: &ValueRange<T>, within: Option<&Bitmap>) -> u64 {
+        if range.is_empty() {
+            return 0;
+        }
+        if let Some(universe) = within {
+            if self.prefers_scan(range, universe) {
+                return self.filter(universe.iter(), range).len();
+            }
+        }
+        let (inside, edges) = self.classify(range);
+        let whole: u64 = match within {
+            Some(universe) => inside.iter().map(|b| b.intersection_len(universe)).sum(),
+            None => inside.iter().map(|b| b.len()).sum(),
+        };
+        let edge: u64 = edges
+            .iter()
+            .map(|members| match within {
+                Some(universe) => self.filter((&**members & universe).iter(), range).len(),
+                None => self.filter(members.iter(), range).len(),
+            })
+            .sum();
+        whole + edge
+    }
+
+    /// An upper bound of the users a range selects, for ordering operands.
+    pub fn estimate(&self, range: &ValueRange<T>) -> u64 {
+        let (inside, edges) = self.classify(range);
+        inside.iter().chain(&edges).map(|b| b.len()).sum()
+    }
+
+    /// Number of distinct values among the users that have one (reads the column).
+    pub fn distinct_values(&self) -> u64 {
+        let mut values: Vec<T> = self.present.iter().map(|id| self.values.get(id)).collect();
+        values.sort_unstable_by(T::order);
+        values.dedup_by(|a, b| a.order(b).is_eq());
+        values.len() as u64
+    }
+
+    /// Re-cuts the buckets when one has grown far past its share, so edge passes stay small.
+    /// Cheap when nothing is out of balance: it only looks at bucket sizes.
+    pub fn rebalance(&mut self) {
+        let share = self.present.len() / DEPTH_BUCKETS as u64;
+        let limit = (2 * share).max(MIN_REBUILD_BUCKET);
+        let unbalanced = self
+            .buckets
+            .iter()
+            .any(|b| b.members.len() > limit && b.min.order(&b.max).is_ne());
+        if unbalanced {
+            self.rebuild();
+        }
+    }
+
+    /// Heap bytes of the column and its index.
+    pub fn heap_bytes(&self) -> usize {
+        let bitmaps: usize = self
+            .buckets
+            .iter()
+            .map(|b| b.members.serialized_size())
+            .sum();
+        self.values.heap_bytes() + self.present.serialized_size() + bitmaps
+    }
+
+    fn prefers_scan(&self, range: &ValueRange<T>, universe: &Bitmap) -> bool {
+        // Reading the column for a few users beats touching many bucket bitmaps.
+        universe.len().saturating_mul(8) < self.estimate(range)
+    }
+
+    fn classify(&self, range: &ValueRange<T>) -> (Vec<Arc<Bitmap>>, Vec<Arc<Bitmap>>) {
+        let mut inside = Vec::new();
+        let mut edges = Vec::new();
+        for bucket in &self.buckets {
+            match bucket.overlap(range) {
+                Overlap::Outside => {}
+                Overlap::Inside => inside.push(bucket.members.clone()),
+                Overlap::Edge => edges.push(bucket.members.clone()),
+            }
+        }
+        (inside, edges)
+    }
+
+    fn filter(&self, ids: impl Iterator<Item = DenseId>, range: &ValueRange<T>) -> Bitmap {
+        let present = &self.present;
+        Bitmap::from_sorted_iter(
+            ids.filter(|&id| present.contains(id) && range.contains(self.values.get(id))),
+        )
+        .unwrap_or_default()
+    }
+
+    fn bucket_of(&self, value: T) -> usize {
+        self.buckets
+            .partition_point(|b| b.lower.order(&value).is_le())
+            .saturating_sub(1)
+    }
+
+    /// Chooses new bounds from a sample of the values and redistributes every user in one pass.
+    fn rebuild(&mut self) {
+        let bounds = self.sample_bounds();
+        let mut members: Vec<Vec<DenseId>> = vec![Vec::new(); bounds.len()];
+        let mut buckets: Vec<Bucket<T>> = bounds.iter().map(|&b| Bucket::empty(b)).collect();
+        for id in self.present.iter() {
+            let value = self.values.get(id);
+            let index = bounds
+                .partition_point(|b| b.order(&value).is_le())
+                .saturating_sub(1);
+            let bucket = &mut buckets[index];
+            if members[index].is_empty() {
+                bucket.min = value;
+                bucket.max = value;
+            } else {
+                if value.order(&bucket.min).is_lt() {
+                    bucket.min = value;
+                }
+                if value.order(&bucket.max).is_gt() {
+                    bucket.max = value;
+                }
+            }
+            members[index].push(id);
+        }
+        for (bucket, ids) in buckets.iter_mut().zip(members) {
+            // Ids come out of the bitmap in ascending order.
+            let mut set = Bitmap::from_sorted_iter(ids).unwrap_or_default();
+            set.optimize();
+            bucket.members = Arc::new(set);
+        }
+        self.buckets = buckets;
+    }
+
+    fn sample_bounds(&self) -> Vec<T> {
+        let stride = (self.present.len() as usize / BOUND_SAMPLE).max(1);
+        let mut sample: Vec<T> = self
+            .present
+            .iter()
+            .step_by(stride)
+            .map(|id| self.values.get(id))
+            .collect();
+        sample.sort_unstable_by(T::order);
+        sample.dedup_by(|a, b| a.order(b).is_eq());
+        let mut bounds = vec![T::LOWEST];
+        if sample.len() <= EXACT_BUCKETS {
+            bounds.extend(sample);
+        } else {
+            let step = sample.len() as f64 / DEPTH_BUCKETS as f64;
+            bounds.extend((1..DEPTH_BUCKETS).map(|i| sample[(i as f64 * step) as usize]));
+        }
+        bounds.dedup_by(|a, b| a.order(b).is_eq());
+        bounds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(values: &[Option<i64>], range: &ValueRange<i64>) -> Vec<u32> {
+        (0..values.len() as u32)
+            .filter(|&id| values[id as usize].is_some_and(|v| range.contains(v)))
+            .collect()
+    }
+
+    #[test]
+    fn ranges_match_a_scan_before_and_after_rebalance() {
+        let mut column = NumericColumn::<i64>::default();
+        let values: Vec<Option<i64>> = (0..50_000i64)
+            .map(|i| (i % 7 != 0).then_some((i * 7919) % 1000 - 300))
+            .collect();
+        for (id, v) in values.iter().enumerate() {
+            if let Some(v) = v {
+                column.set(id as u32, *v);
+            }
+        }
+        let ranges = [
+            (-300, 699),
+            (10, 20),
+            (5, 5),
+            (700, 900),
+            (3, 2),
+            (i64::MIN, 0),
+        ];
+        for _ in 0..2 {
+            for (low, high) in ranges {
+                let range = ValueRange { low, high };
+                let expected = reference(&values, &range);
+                let got: Vec<u32> = column.select(&range, None).iter().collect();
+                assert_eq!(got, expected, "{range:?}");
+                assert_eq!(column.count(&range, None), expected.len() as u64);
+                let within = Bitmap::from_iter((0..50_000).step_by(3));
+                let restricted: Vec<u32> =
+                    expected.iter().copied().filter(|id| id % 3 == 0).collect();
+                assert_eq!(
+                    column
+                        .select(&range, Some(&within))
+                        .iter()
+                        .collect::<Vec<_>>(),
+                    restricted
+                );
+                assert_eq!(column.count(&range, Some(&within)), restricted.len() as u64);
+            }
+            column.rebalance();
+            assert!(column.buckets.len() > 100);
+        }
+    }
+
+    #[test]
+    fn updates_move_users_between_buckets() {
+        let mut column = NumericColumn::<f64>::default();
+        for id in 0..10_000u32 {
+            column.set(id, f64::from(id));
+        }
+        column.rebalance();
+        column.set(5, 9_999.5);
+        column.clear(6);
+        let range = ValueRange {
+            low: 0.0,
+            high: 10.0,
+        };
+        let got: Vec<u32> = column.select(&range, None).iter().collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 7, 8, 9, 10]);
+        assert_eq!(column.get(5), Some(9_999.5));
+        assert_eq!(column.get(6), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! The `audience` binary: parses the command line and hands it to [`audience::cli`].
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = audience::cli::Cli::parse();
+    match audience::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
