@@ -416,8 +416,9 @@ fn high_to_int(f: f64) -> Option<i64> {
 }
 
 fn float_range(op: CompareOp, bound: Bound) -> Option<NumericRange> {
+    // Columns hold 0.0 for -0.0, so the bound must too.
     let b = match bound {
-        Bound::Float(f) => f,
+        Bound::Float(f) => f + 0.0,
         Bound::Int(i) => i as f64,
         Bound::Text(_) => return None,
     };

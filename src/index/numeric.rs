@@ -21,7 +21,7 @@ const DEPTH_BUCKETS: usize = 128;
 /// Values sampled to choose bucket bounds.
 const BOUND_SAMPLE: usize = 1 << 16;
 /// A bucket smaller than this is never worth a rebuild.
-const MIN_REBUILD_BUCKET: u64 = 4096;
+const MIN_REBUILD_BUCKET: u64 = 1024;
 
 /// A value type of a numeric column: totally ordered (floats never hold NaN here).
 pub trait NumericValue:
