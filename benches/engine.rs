@@ -1,1 +1,262 @@
-fn main() {}
+//! Engine benchmarks on the deterministic demo dataset (10,000,000 users by default; set
+//! `AUDIENCE_BENCH_USERS` for a smaller run). Everything is measured in-process, server-side:
+//! what a gRPC handler calls. Each target has its baseline in the same run:
+//! - `count/*`: 1-, 3- and 10-predicate counts, and the same 3-predicate filter as a scan of the
+//!   Arrow columns with arrow's compute kernels (`count/arrow_scan_3`).
+//! - `export`: members of a 50% segment mapped to external ids.
+//! - `segments_for_user/1000`: all saved segments containing one user, over 1,000 segments.
+//! - `import/parquet`: a 1,000,000-row Parquet file into an empty dataset.
+//! - resident bytes per user: printed once (RSS growth while loading / users).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar, StringArray};
+use arrow_buffer::BooleanBuffer;
+use audience::engine::import::open_file;
+use audience::engine::{Audience, Change, DatasetState, ImportBatch, SegmentDefinition};
+use audience::rng::SplitMix64;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const SEED: u64 = 42;
+const AS_OF: i64 = audience::demo::DEMO_EPOCH;
+
+fn users() -> u64 {
+    std::env::var("AUDIENCE_BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000)
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn import(state: &mut DatasetState, batches: impl Iterator<Item = RecordBatch>) {
+    for batch in batches {
+        let change = Change::ImportUsers(ImportBatch {
+            batch,
+            id_column: "user_id".into(),
+        });
+        state.apply(&change, AS_OF).expect("demo batch imports");
+    }
+}
+
+/// The dataset, loaded once, with the resident bytes it added.
+fn dataset(rows: u64) -> (DatasetState, u64, f64) {
+    let before = resident_bytes();
+    let started = Instant::now();
+    let mut state = DatasetState::default();
+    import(&mut state, audience::demo::batches(rows, 64 * 1024, SEED));
+    let seconds = started.elapsed().as_secs_f64();
+    let grown = resident_bytes().saturating_sub(before);
+    (state, grown, seconds)
+}
+
+fn parse(text: &str) -> Audience {
+    Audience::Expression(audience::expr::parse(text).expect("bench expression parses"))
+}
+
+const ONE: &str = r#"country = "US""#;
+const THREE: &str = r#"country = "US" AND age BETWEEN 25 AND 34 AND interests HAS "sports""#;
+const TEN: &str = r#"country IN ("US", "GB", "DE") AND age BETWEEN 18 AND 44 AND device != "desktop"
+    AND interests HAS ANY ("sports", "travel") AND NOT interests HAS "gaming" AND subscriber = TRUE
+    AND lifetime_spend > 100 AND signup_ts >= "2024-06-01T00:00:00Z" AND gender IS NOT NULL
+    AND region != "US-R0""#;
+
+/// Values and validity: a null compares as false.
+fn truthy(result: &BooleanArray) -> BooleanBuffer {
+    match result.nulls() {
+        Some(nulls) => result.values() & nulls.inner(),
+        None => result.values().clone(),
+    }
+}
+
+/// The 3-predicate filter as a scan of Arrow columns with arrow's compute kernels.
+fn arrow_scan_3(columns: &[(ArrayRef, ArrayRef, ArrayRef)]) -> usize {
+    let us = Scalar::new(StringArray::from(vec!["US"]));
+    let sports = Scalar::new(StringArray::from(vec!["sports"]));
+    let low = Scalar::new(arrow_array::Int16Array::from(vec![25i16]));
+    let high = Scalar::new(arrow_array::Int16Array::from(vec![34i16]));
+    let mut total = 0;
+    for (country, age, interests) in columns {
+        let in_country = truthy(&arrow_ord::cmp::eq(country, &us).expect("eq"));
+        let old_enough = truthy(&arrow_ord::cmp::gt_eq(age, &low).expect("ge"));
+        let young_enough = truthy(&arrow_ord::cmp::lt_eq(age, &high).expect("le"));
+        let lists = interests.as_list::<i32>();
+        let hits = truthy(&arrow_ord::cmp::eq(lists.values(), &sports).expect("eq"));
+        let offsets = lists.value_offsets();
+        let has: BooleanBuffer = (0..lists.len())
+            .map(|i| {
+                let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+                lists.is_valid(i) && hits.slice(start, end - start).count_set_bits() > 0
+            })
+            .collect();
+        total += (&(&(&in_country & &old_enough) & &young_enough) & &has).count_set_bits();
+    }
+    total
+}
+
+fn segments(state: &mut DatasetState, count: usize) {
+    let countries: Vec<&str> = audience::demo::COUNTRIES.iter().map(|(c, _)| *c).collect();
+    let mut rng = SplitMix64::new(7);
+    for i in 0..count {
+        let country = countries[rng.below(countries.len() as u64) as usize];
+        let interest =
+            audience::demo::INTERESTS[rng.below(audience::demo::INTERESTS.len() as u64) as usize];
+        let low = 13 + rng.below(50);
+        let text = match i % 4 {
+            0 => format!(r#"country = "{country}" AND interests HAS "{interest}""#),
+            1 => format!(r#"age BETWEEN {low} AND {} AND device = "ios""#, low + 10),
+            2 => {
+                format!(r#"interests HAS "{interest}" AND NOT subscriber = TRUE AND age >= {low}"#)
+            }
+            _ => format!(
+                r#"country != "{country}" AND lifetime_spend > {}"#,
+                rng.below(3_000)
+            ),
+        };
+        let definition = SegmentDefinition {
+            id: format!("segment-{i:04}"),
+            name: text.clone(),
+            description: String::new(),
+            labels: BTreeMap::new(),
+            expression: audience::expr::parse(&text).expect("segment parses"),
+            created_at: AS_OF,
+            updated_at: AS_OF,
+        };
+        state
+            .apply(&Change::CreateSegment(definition), AS_OF)
+            .expect("segment");
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let rows = users();
+    let label = format!("{}M", rows as f64 / 1e6);
+    let (mut state, grown, load_seconds) = dataset(rows);
+    println!(
+        "dataset {label}: loaded in {load_seconds:.1} s ({:.2} M users/s); resident growth {} MB = {:.1} bytes/user",
+        rows as f64 / load_seconds / 1e6,
+        grown / 1_000_000,
+        grown as f64 / rows as f64
+    );
+
+    let mut group = c.benchmark_group("count");
+    for (name, text) in [
+        ("1_predicate", ONE),
+        ("3_predicates", THREE),
+        ("10_predicates", TEN),
+    ] {
+        let audience = parse(text);
+        println!(
+            "{name}: {} users",
+            state.count(&audience, AS_OF).expect("count")
+        );
+        group.bench_function(BenchmarkId::new(name, &label), |b| {
+            b.iter(|| black_box(state.count(&audience, AS_OF).expect("count")))
+        });
+    }
+    let columns: Vec<(ArrayRef, ArrayRef, ArrayRef)> = audience::demo::batches(rows, 1 << 20, SEED)
+        .map(|batch| {
+            let country =
+                arrow_cast::cast(batch.column(1), &arrow_schema::DataType::Utf8).expect("cast");
+            (country, batch.column(4).clone(), batch.column(7).clone())
+        })
+        .collect();
+    let scanned = arrow_scan_3(&columns);
+    assert_eq!(
+        scanned as u64,
+        state.count(&parse(THREE), AS_OF).expect("count"),
+        "baseline agrees"
+    );
+    group.bench_function(BenchmarkId::new("arrow_scan_3", &label), |b| {
+        b.iter(|| black_box(arrow_scan_3(&columns)))
+    });
+    drop(columns);
+    group.finish();
+
+    let mut group = c.benchmark_group("export");
+    let half = parse(r#"device = "ios" OR gender = "female""#);
+    let members = state.select(&half, AS_OF).expect("select");
+    group.throughput(Throughput::Elements(members.len()));
+    group.sample_size(10);
+    group.bench_function(BenchmarkId::new("external_ids", &label), |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            let mut ids = members.iter();
+            loop {
+                let chunk: Vec<u32> = ids.by_ref().take(10_000).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                n += state.external_ids(chunk).len();
+            }
+            black_box(n)
+        })
+    });
+    group.finish();
+
+    let started = Instant::now();
+    segments(&mut state, 1_000);
+    println!(
+        "1,000 segments created in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut group = c.benchmark_group("segments_for_user");
+    let mut rng = SplitMix64::new(11);
+    let ids: Vec<String> = (0..1_024)
+        .map(|_| audience::demo::user_id(rng.below(rows)))
+        .collect();
+    let mut next = 0usize;
+    group.bench_function(BenchmarkId::new("1000_segments", &label), |b| {
+        b.iter(|| {
+            next = (next + 1) % ids.len();
+            black_box(state.segments_for_user(&ids[next]).len())
+        })
+    });
+    group.finish();
+    drop(state);
+
+    let import_rows = rows.min(1_000_000);
+    let path = std::env::temp_dir().join(format!("audience-bench-{}.parquet", std::process::id()));
+    write_parquet(&path, import_rows);
+    let mut group = c.benchmark_group("import");
+    group.throughput(Throughput::Elements(import_rows));
+    group.sample_size(10);
+    group.bench_function(
+        BenchmarkId::new("parquet", format!("{}M", import_rows as f64 / 1e6)),
+        |b| {
+            b.iter(|| {
+                let source = open_file(&path, 64 * 1024).expect("open");
+                let mut fresh = DatasetState::default();
+                import(&mut fresh, source.batches.map(|b| b.expect("batch")));
+                black_box(Arc::new(fresh))
+            })
+        },
+    );
+    group.finish();
+    let _ = std::fs::remove_file(&path);
+}
+
+fn write_parquet(path: &std::path::Path, rows: u64) {
+    let file = std::fs::File::create(path).expect("create parquet");
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(file, audience::demo::schema(), None).expect("writer");
+    for batch in audience::demo::batches(rows, 64 * 1024, SEED) {
+        writer.write(&batch).expect("write");
+    }
+    writer.close().expect("close");
+}
+
+criterion_group!(engine, benches);
+criterion_main!(engine);

@@ -38,6 +38,8 @@ pub enum EngineError {
     ExpressionTooLarge { size: usize, limit: usize },
     #[error("expression nests {depth} levels deep, more than the limit of {limit}")]
     ExpressionTooDeep { depth: usize, limit: usize },
+    #[error("expression: {error}, over the limit of {limit}")]
+    TextTooDeep { error: ParseError, limit: usize },
     #[error("segment '{0}' not found")]
     SegmentNotFound(String),
     #[error("segment '{0}' already exists")]
@@ -79,6 +81,8 @@ pub enum EngineError {
     InvalidPageToken,
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    #[error("dataset '{0}' was created by another write at the same time; retry")]
+    ConcurrentCreate(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -190,14 +190,13 @@ fn load_column(
     let attribute = state.attribute_mut(name, kind)?;
     match attribute {
         Attribute::Categorical(a) => {
-            let (codes, values) = categorical_codes(name, array, &mut a.dictionary)?;
-            for (row, &id) in ids.iter().enumerate() {
-                match codes.get(row).copied().flatten() {
+            let codes = categorical_codes(name, array, &mut a.dictionary)?;
+            for (&id, code) in ids.iter().zip(codes) {
+                match code {
                     Some(code) => a.set_code(id, code),
                     None => a.clear(id),
                 }
             }
-            drop(values);
         }
         Attribute::Set(a) => {
             let lists = strict_cast(
@@ -286,7 +285,7 @@ fn categorical_codes(
     name: &str,
     array: &ArrayRef,
     dictionary: &mut crate::index::dictionary::ValueDictionary,
-) -> Result<(Vec<Option<ValueCode>>, ArrayRef)> {
+) -> Result<Vec<Option<ValueCode>>> {
     if let Some(dict) = array.as_any_dictionary_opt() {
         let values = strict_cast(name, dict.values(), &DataType::Utf8)?;
         let strings: &StringArray = values.as_string::<i32>();
@@ -308,7 +307,7 @@ fn categorical_codes(
                 }
             })
             .collect();
-        return Ok((codes, values));
+        return Ok(codes);
     }
     let values = strict_cast(name, array, &DataType::Utf8)?;
     let strings: &StringArray = values.as_string::<i32>();
@@ -317,7 +316,7 @@ fn categorical_codes(
         .iter()
         .map(|v| v.map(|v| *seen.entry(v).or_insert_with(|| dictionary.intern(v))))
         .collect();
-    Ok((codes, values.clone()))
+    Ok(codes)
 }
 
 /// A source of record batches: a Parquet file or an Arrow IPC file or stream.

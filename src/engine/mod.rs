@@ -60,6 +60,8 @@ pub struct Limits {
     pub max_open_cursors: usize,
     /// Seconds an unused listing is kept.
     pub cursor_ttl_secs: u64,
+    /// Seconds a streamed import may wait for its next message; it holds the dataset's writer.
+    pub import_idle_secs: u64,
 }
 
 impl Default for Limits {
@@ -73,6 +75,7 @@ impl Default for Limits {
             max_segments: 10_000,
             max_open_cursors: 1_024,
             cursor_ttl_secs: 600,
+            import_idle_secs: 60,
         }
     }
 }
@@ -105,7 +108,7 @@ impl Dataset {
 /// Every dataset of one service.
 #[derive(Debug)]
 pub struct Engine {
-    datasets: RwLock<BTreeMap<String, Arc<Dataset>>>,
+    datasets: Registry,
     clock: Arc<dyn Clock>,
     limits: Limits,
     cursors: CursorCache,
@@ -142,7 +145,7 @@ impl Engine {
         let mut datasets = BTreeMap::new();
         datasets.insert(DEFAULT_DATASET.to_owned(), Arc::new(Dataset::default()));
         Self {
-            datasets: RwLock::new(datasets),
+            datasets: Arc::new(RwLock::new(datasets)),
             clock,
             cursors: CursorCache::new(limits.max_open_cursors, limits.cursor_ttl_secs),
             limits,
@@ -178,16 +181,17 @@ impl Engine {
             .ok_or_else(|| EngineError::DatasetNotFound(name.to_owned()))
     }
 
-    fn dataset_or_create(&self, name: &str) -> Result<Arc<Dataset>> {
+    /// The dataset's handle, or a new one not yet registered (`Pending`): a dataset exists
+    /// only once a write to it has succeeded.
+    fn dataset_or_new(&self, name: &str) -> Result<(Arc<Dataset>, Pending)> {
         let name = dataset_name(name)?;
-        if let Ok(dataset) = self.dataset(name) {
-            return Ok(dataset);
+        match self.dataset(name) {
+            Ok(dataset) => Ok((dataset, None)),
+            Err(EngineError::DatasetNotFound(_)) => {
+                Ok((Arc::new(Dataset::default()), Some(name.to_owned())))
+            }
+            Err(other) => Err(other),
         }
-        let mut map = self
-            .datasets
-            .write()
-            .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
-        Ok(map.entry(name.to_owned()).or_default().clone())
     }
 
     /// The current version of a dataset, for any number of reads.
@@ -225,7 +229,16 @@ impl Engine {
     /// # Errors
     /// A syntax error with its position, or an expression over a limit.
     pub fn parse(&self, text: &str) -> Result<Expr> {
-        let expr = crate::expr::parse_with_limit(text, self.limits.max_expression_depth)?;
+        let expr =
+            crate::expr::parse_with_limit(text, self.limits.max_expression_depth).map_err(|e| {
+                match e.too_deep {
+                    true => EngineError::TextTooDeep {
+                        error: e,
+                        limit: self.limits.max_expression_depth,
+                    },
+                    false => EngineError::Parse(e),
+                }
+            })?;
         self.check_expression(&expr)?;
         Ok(expr)
     }
@@ -236,21 +249,32 @@ impl Engine {
     /// Whatever is invalid in the change; nothing is applied then.
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
         self.check_change(&change)?;
-        let handle = match &change {
-            Change::DeleteSegment(_) | Change::DeleteUsers(_) => self.dataset(dataset)?,
-            _ => self.dataset_or_create(dataset)?,
-        };
-        let _writer = handle.writer.lock().await;
-        let mut state = DatasetState::clone(&handle.current());
-        let now = self.now();
-        let (state, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = state.apply(&change, now)?;
-            Ok::<_, EngineError>((state, outcome))
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
-        handle.publish(Arc::new(state));
-        Ok(outcome)
+        loop {
+            let (handle, pending) = match &change {
+                Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(dataset)?, None),
+                _ => self.dataset_or_new(dataset)?,
+            };
+            let _writer = handle.writer.lock().await;
+            let mut state = DatasetState::clone(&handle.current());
+            let now = self.now();
+            let record = change.clone();
+            let (state, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = state.apply(&record, now)?;
+                Ok::<_, EngineError>((state, outcome))
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
+            handle.publish(Arc::new(state));
+            match pending {
+                None => return Ok(outcome),
+                Some(name) => match register(&self.datasets, &name, &handle) {
+                    Ok(()) => return Ok(outcome),
+                    // Another first write won the race: apply this one on top of it.
+                    Err(EngineError::ConcurrentCreate(_)) => continue,
+                    Err(other) => return Err(other),
+                },
+            }
+        }
     }
 
     fn check_change(&self, change: &Change) -> Result<()> {
@@ -278,11 +302,13 @@ impl Engine {
     /// # Errors
     /// An invalid dataset name.
     pub async fn begin_import(&self, dataset: &str) -> Result<Import> {
-        let handle = self.dataset_or_create(dataset)?;
+        let (handle, pending) = self.dataset_or_new(dataset)?;
         let guard = handle.writer.clone().lock_owned().await;
         let state = DatasetState::clone(&handle.current());
         Ok(Import {
+            registry: self.datasets.clone(),
             handle,
+            pending,
             _guard: guard,
             state: Some(state),
             outcome: ChangeOutcome::default(),
@@ -299,8 +325,11 @@ impl Engine {
         dataset: &str,
         definition: SegmentDefinition,
     ) -> Result<Arc<Segment>> {
-        let handle = self.dataset_or_create(dataset)?;
-        let current = handle.current();
+        let current = match self.snapshot(dataset) {
+            Ok(current) => current,
+            Err(EngineError::DatasetNotFound(_)) => Arc::new(DatasetState::default()),
+            Err(other) => return Err(other),
+        };
         if current.segments.contains_key(&definition.id) {
             return Err(EngineError::SegmentExists(definition.id));
         }
@@ -341,9 +370,34 @@ impl Engine {
     }
 }
 
+/// The name of a dataset that exists only once the write creating it succeeds.
+type Pending = Option<String>;
+
+/// Every dataset by name.
+type Registry = Arc<RwLock<BTreeMap<String, Arc<Dataset>>>>;
+
+/// Registers a dataset created by its first successful write.
+///
+/// # Errors
+/// Another first write registered the same name meanwhile: the caller retries on it.
+fn register(registry: &Registry, name: &str, handle: &Arc<Dataset>) -> Result<()> {
+    let mut map = registry
+        .write()
+        .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
+    if map.contains_key(name) {
+        return Err(EngineError::ConcurrentCreate(name.to_owned()));
+    }
+    map.insert(name.to_owned(), handle.clone());
+    Ok(())
+}
+
 /// A multi-batch import in progress; dropped without [`Import::commit`], it leaves no trace.
 pub struct Import {
+    /// Where a dataset created by this import is registered on commit.
+    registry: Registry,
     handle: Arc<Dataset>,
+    /// Set when the import creates its dataset.
+    pending: Pending,
     _guard: tokio::sync::OwnedMutexGuard<()>,
     /// The private version; `None` only while a batch is being applied.
     state: Option<DatasetState>,
@@ -381,13 +435,17 @@ impl Import {
     /// Publishes everything applied.
     ///
     /// # Errors
-    /// An import whose last batch failed.
+    /// An import whose last batch failed, or whose new dataset was created by another write
+    /// meanwhile (then nothing is published and the caller may retry).
     pub fn commit(mut self) -> Result<ChangeOutcome> {
         let state = self
             .state
             .take()
             .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
         self.handle.publish(Arc::new(state));
+        if let Some(name) = &self.pending {
+            register(&self.registry, name, &self.handle)?;
+        }
         Ok(self.outcome)
     }
 }

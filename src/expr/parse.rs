@@ -18,6 +18,8 @@ pub struct ParseError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+    /// The text nests deeper than the limit: a size limit hit, not a syntax error.
+    pub too_deep: bool,
 }
 
 /// Parses `text` with the [`DEFAULT_MAX_DEPTH`] nesting limit.
@@ -57,6 +59,7 @@ impl Pos {
             line: self.line,
             column: self.column,
             message: message.into(),
+            too_deep: false,
         }
     }
 }
@@ -527,7 +530,10 @@ impl Parser<'_> {
     ) -> Result<T, ParseError> {
         if self.depth >= self.max_depth {
             let message = format!("expression nests deeper than {} levels", self.max_depth);
-            return Err(opener.start.error(message));
+            return Err(ParseError {
+                too_deep: true,
+                ..opener.start.error(message)
+            });
         }
         self.depth += 1;
         let result = inner(self);

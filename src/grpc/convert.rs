@@ -245,10 +245,12 @@ fn value(message: Option<&pb::Value>, field: &str) -> Result<Value, Status> {
         )?)),
         Some(pb::value::Kind::Now(relative)) => {
             let unit = match pb::DurationUnit::try_from(relative.unit) {
-                Ok(pb::DurationUnit::Days) => Some(DurationUnit::Days),
-                Ok(pb::DurationUnit::Hours) => Some(DurationUnit::Hours),
-                Ok(pb::DurationUnit::Minutes) => Some(DurationUnit::Minutes),
-                Ok(pb::DurationUnit::Unspecified) if relative.amount == 0 => None,
+                Ok(pb::DurationUnit::Days) => DurationUnit::Days,
+                Ok(pb::DurationUnit::Hours) => DurationUnit::Hours,
+                Ok(pb::DurationUnit::Minutes) => DurationUnit::Minutes,
+                Ok(pb::DurationUnit::Unspecified) if relative.amount == 0 && !relative.subtract => {
+                    return Ok(Value::Now { offset: None })
+                }
                 Ok(pb::DurationUnit::Unspecified) | Err(_) => {
                     return Err(invalid(
                         &format!("{field}.now.unit"),
@@ -256,14 +258,15 @@ fn value(message: Option<&pb::Value>, field: &str) -> Result<Value, Status> {
                     ))
                 }
             };
-            let offset = unit.map(|unit| SignedDuration {
-                negative: relative.amount < 0,
-                duration: Duration {
-                    amount: relative.amount.unsigned_abs(),
-                    unit,
-                },
-            });
-            Ok(Value::Now { offset })
+            Ok(Value::Now {
+                offset: Some(SignedDuration {
+                    negative: relative.subtract,
+                    duration: Duration {
+                        amount: relative.amount,
+                        unit,
+                    },
+                }),
+            })
         }
         None => Err(invalid(field, "a value is required")),
     }
@@ -367,19 +370,15 @@ fn value_to_proto(value: &Value) -> pb::Value {
     let kind = match value {
         Value::Literal(l) => pb::value::Kind::Literal(literal_to_proto(l)),
         Value::Now { offset } => pb::value::Kind::Now(match offset {
-            None => pb::RelativeTime {
-                amount: 0,
-                unit: pb::DurationUnit::Unspecified as i32,
-            },
+            None => pb::RelativeTime::default(),
             Some(o) => pb::RelativeTime {
-                amount: i64::try_from(o.duration.amount)
-                    .map(|a| if o.negative { -a } else { a })
-                    .unwrap_or(if o.negative { i64::MIN } else { i64::MAX }),
+                amount: o.duration.amount,
                 unit: match o.duration.unit {
                     DurationUnit::Days => pb::DurationUnit::Days,
                     DurationUnit::Hours => pb::DurationUnit::Hours,
                     DurationUnit::Minutes => pb::DurationUnit::Minutes,
                 } as i32,
+                subtract: o.negative,
             },
         }),
     };

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use tokio::sync::mpsc;
@@ -126,12 +127,20 @@ async fn import_stream(
     let mut run = ImportRun::start(&engine, &first.dataset, &first.id_column, 0, progress).await?;
     let mut decoder = arrow_ipc::reader::StreamDecoder::new();
     let mut chunk = Some(first.arrow_ipc_chunk);
+    let idle = Duration::from_secs(engine.limits().import_idle_secs);
     loop {
         let bytes = match chunk.take() {
             Some(bytes) => bytes,
-            None => match input.message().await? {
-                Some(message) => message.arrow_ipc_chunk,
-                None => break,
+            None => match tokio::time::timeout(idle, input.message()).await {
+                Ok(Ok(Some(message))) => message.arrow_ipc_chunk,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => return Err(status),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no import data for {} s; the import was abandoned and nothing applied",
+                        idle.as_secs()
+                    )))
+                }
             },
         };
         let mut buffer = arrow_buffer::Buffer::from(bytes);
@@ -184,8 +193,32 @@ async fn import_file(
     run.finish().await
 }
 
+/// The caller's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+///
+/// tonic enforces it only until the response headers go out; an import streams its response
+/// for its whole run, so it enforces the deadline itself.
+fn deadline<T>(request: &Request<T>) -> Option<tokio::time::Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    tokio::time::Instant::now().checked_add(timeout)
+}
+
 /// Runs an import task that reports its progress, and its failure, on the response stream.
-fn spawn_import<F>(work: impl FnOnce(ProgressSender) -> F) -> ProgressStream
+/// Past the caller's deadline the task is dropped, and with it the uncommitted import.
+fn spawn_import<F>(
+    deadline: Option<tokio::time::Instant>,
+    work: impl FnOnce(ProgressSender) -> F,
+) -> ProgressStream
 where
     F: std::future::Future<Output = Result<(), Status>> + Send + 'static,
 {
@@ -193,7 +226,18 @@ where
     let task = work(sender.clone());
     tokio::spawn(
         async move {
-            if let Err(status) = task.await {
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, task)
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::info!("import abandoned at the caller's deadline");
+                        Err(Status::deadline_exceeded(
+                            "the import passed its deadline; nothing was applied",
+                        ))
+                    }),
+                None => task.await,
+            };
+            if let Err(status) = result {
                 let _ = sender.send(Err(status)).await;
             }
         }
@@ -249,6 +293,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        let deadline = deadline(&request);
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -256,7 +301,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
             .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
         let engine = self.engine.clone();
-        Ok(Response::new(spawn_import(|progress| {
+        Ok(Response::new(spawn_import(deadline, |progress| {
             import_stream(engine, first, input, progress)
         })))
     }
@@ -268,12 +313,13 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::ImportUsersFileRequest>,
     ) -> Result<Response<Self::ImportUsersFileStream>, Status> {
+        let deadline = deadline(&request);
         let request = request.into_inner();
         if request.path.is_empty() {
             return Err(invalid("path", "must not be empty"));
         }
         let engine = self.engine.clone();
-        Ok(Response::new(spawn_import(|progress| {
+        Ok(Response::new(spawn_import(deadline, |progress| {
             import_file(engine, request, progress)
         })))
     }

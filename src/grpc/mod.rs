@@ -128,6 +128,9 @@ pub async fn serve(
         tracing::info!("shutting down");
     };
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            status::precise_transport_codes,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(query)

@@ -14,7 +14,8 @@ pub fn code_of(error: &EngineError) -> Code {
         }
         EngineError::LimitExceeded { .. }
         | EngineError::ExpressionTooLarge { .. }
-        | EngineError::ExpressionTooDeep { .. } => Code::ResourceExhausted,
+        | EngineError::ExpressionTooDeep { .. }
+        | EngineError::TextTooDeep { .. } => Code::ResourceExhausted,
         EngineError::InvalidRecord { reason, .. } => code_of(reason),
         EngineError::Key(crate::index::keys::KeyError::Exhausted(_)) => Code::ResourceExhausted,
         EngineError::InvalidDatasetName(_)
@@ -35,8 +36,26 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::InvalidArgument { .. } => Code::InvalidArgument,
         EngineError::ImportIo(e) if e.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
         EngineError::ImportIo(_) => Code::FailedPrecondition,
+        EngineError::ConcurrentCreate(_) => Code::Aborted,
         EngineError::Internal(_) => Code::Internal,
     }
+}
+
+/// The longest message sent back: error messages quote the caller's input, and an over-long
+/// `grpc-message` header would make the client drop the connection instead of reading a status.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] at a character boundary.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 /// Converts an engine error into the status sent to the caller, logging it once here.
@@ -49,18 +68,44 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
         tracing::error!(error = %error, "internal error");
         return Status::internal("internal error; see the server log");
     }
-    tracing::info!(code = ?code, error = %error, "request refused");
     let message = match (&error, field.is_empty()) {
         (EngineError::SegmentInUse { .. } | EngineError::InvalidPageToken, _) | (_, true) => {
             error.to_string()
         }
         _ => format!("{field}: {error}"),
     };
+    let message = bounded(message);
+    tracing::info!(code = ?code, error = %message, "request refused");
     Status::new(code, message)
 }
 
 /// A request field that is missing or malformed.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    tracing::info!(field, reason = %reason, "invalid argument");
-    Status::invalid_argument(format!("{field}: {reason}"))
+    let message = bounded(format!("{field}: {reason}"));
+    tracing::info!(error = %message, "invalid argument");
+    Status::invalid_argument(message)
+}
+
+/// Gives tonic's own transport-level refusals the codes the gRPC spec and our contract name:
+/// a message that fails to decode (bad bytes, nesting past prost's recursion limit) is the
+/// caller's INVALID_ARGUMENT, not INTERNAL; one over the size limit is RESOURCE_EXHAUSTED, not
+/// OUT_OF_RANGE. Applied to every response as one layer, so no handler needs to know.
+pub fn precise_transport_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let code = headers.get("grpc-status").and_then(|v| v.to_str().ok());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| m.replace("%20", " "))
+        .unwrap_or_default();
+    let replacement = match code {
+        Some("13") if message.starts_with("failed to decode Protobuf message") => Some("3"),
+        Some("11") if message.contains("message length too large") => Some("8"),
+        _ => None,
+    };
+    if let Some(replacement) = replacement {
+        tracing::info!(message, "request refused by the transport");
+        headers.insert("grpc-status", http::HeaderValue::from_static(replacement));
+    }
+    response
 }

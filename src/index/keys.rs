@@ -55,15 +55,19 @@ struct KeyChunk {
 }
 
 impl KeyChunk {
-    fn key(&self, index: usize) -> Option<&str> {
+    fn bytes_of(&self, index: usize) -> Option<&[u8]> {
         let end = *self.ends.get(index)? as usize;
         let start = if index == 0 {
             0
         } else {
             self.ends[index - 1] as usize
         };
+        self.bytes.get(start..end)
+    }
+
+    fn key(&self, index: usize) -> Option<&str> {
         // Keys enter only as `&str`, so every stored range is valid UTF-8.
-        std::str::from_utf8(self.bytes.get(start..end)?).ok()
+        std::str::from_utf8(self.bytes_of(index)?).ok()
     }
 }
 
@@ -131,7 +135,7 @@ impl KeyDictionary {
         self.append(key);
         let (chunks, hasher) = (&self.chunks, &self.hasher);
         Arc::make_mut(&mut self.shards[shard]).insert_unique(hash, id, |&other| {
-            hasher.hash_one(chunk_key(chunks, other).unwrap_or_default().as_bytes())
+            hasher.hash_one(chunk_bytes(chunks, other).unwrap_or_default())
         });
         self.mapped += 1;
         Ok((id, true))
@@ -179,7 +183,7 @@ impl KeyDictionary {
 
     fn append(&mut self, key: &str) {
         let index = self.assigned as usize;
-        if index % KEYS_PER_CHUNK == 0 {
+        if index.is_multiple_of(KEYS_PER_CHUNK) {
             self.chunks.push(Arc::new(KeyChunk::default()));
         }
         let chunk = Arc::make_mut(self.chunks.last_mut().expect("a chunk was just ensured"));
@@ -189,8 +193,9 @@ impl KeyDictionary {
         self.assigned += 1;
     }
 
+    /// The stored bytes of an id, compared while probing without re-validating UTF-8.
     fn key_bytes(&self, id: DenseId) -> Option<&[u8]> {
-        self.key(id).map(str::as_bytes)
+        chunk_bytes(&self.chunks, id)
     }
 
     fn shard(hash: u64) -> usize {
@@ -198,11 +203,11 @@ impl KeyDictionary {
     }
 }
 
-fn chunk_key(chunks: &[Arc<KeyChunk>], id: DenseId) -> Option<&str> {
+fn chunk_bytes(chunks: &[Arc<KeyChunk>], id: DenseId) -> Option<&[u8]> {
     let index = id as usize;
     chunks
         .get(index / KEYS_PER_CHUNK)?
-        .key(index % KEYS_PER_CHUNK)
+        .bytes_of(index % KEYS_PER_CHUNK)
 }
 
 #[cfg(test)]

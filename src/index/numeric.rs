@@ -326,11 +326,13 @@ impl<T: NumericValue> NumericColumn<T> {
 
     fn sample_bounds(&self) -> Vec<T> {
         let stride = (self.present.len() as usize / BOUND_SAMPLE).max(1);
+        // One pass with a counter: `step_by` on a bitmap iterator re-counts containers per step.
         let mut sample: Vec<T> = self
             .present
             .iter()
-            .step_by(stride)
-            .map(|id| self.values.get(id))
+            .enumerate()
+            .filter(|(i, _)| i % stride == 0)
+            .map(|(_, id)| self.values.get(id))
             .collect();
         sample.sort_unstable_by(T::order);
         sample.dedup_by(|a, b| a.order(b).is_eq());

@@ -452,9 +452,12 @@ proptest! {
             prop_assert_eq!(&engine_select(&state, expr), &expected, "query {}", expr);
             let count = state.count(&Audience::Expression(expr.clone()), AS_OF).unwrap();
             prop_assert_eq!(count, expected.len() as u64, "count {}", expr);
-            // The text form means the same thing.
+            // The text form and the protobuf tree are the same expression.
             let reparsed = audience::expr::parse(&expr.to_string()).unwrap();
             prop_assert_eq!(&reparsed, expr);
+            let node = audience::grpc::convert::expr_to_node(expr);
+            let from_tree = audience::grpc::convert::node_to_expr(&node, "tree").unwrap();
+            prop_assert_eq!(&from_tree, expr);
         }
     }
 

@@ -1,0 +1,514 @@
+//! The `audience` binary as a process, against a running [`TestServer`]: plain output, `--json`,
+//! imports of Parquet and Arrow files, and errors on stderr with a non-zero exit.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+
+use arrow_array::RecordBatch;
+use audience::grpc::pb;
+
+use crate::harness::*;
+
+/// What one run of the binary printed.
+#[derive(Debug)]
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn ok(self) -> String {
+        assert!(
+            self.success,
+            "the command failed\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self.stdout
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+/// Runs `audience --addr ADDR ARGS...` to completion off the async workers.
+async fn audience_cli(addr: &str, args: &[&str]) -> Run {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_audience"));
+    command
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .env_remove("AUDIENCE_ADDR")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the command thread")
+        .expect("run the audience binary");
+    Run {
+        success: output.status.success(),
+        stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(output.stderr).expect("utf-8 stderr"),
+    }
+}
+
+async fn run(server: &TestServer, args: &[&str]) -> Run {
+    audience_cli(&server.addr(), args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_prints_the_number_and_a_breakdown() {
+    let (server, everyone) = server_with_people(200).await;
+    let us = people_where(&everyone, |p| p.country == Some("US"));
+    let out = run(&server, &["count", r#"country = "US""#]).await.ok();
+    assert_eq!(out, format!("{}\n", us.len()));
+
+    // `--by country --top 2` over people with an age: the count, the top two, other, null.
+    let aged: Vec<&Person> = everyone.iter().filter(|p| p.age.is_some()).collect();
+    let count_of = |c: &str| aged.iter().filter(|p| p.country == Some(c)).count();
+    let nulls = aged.iter().filter(|p| p.country.is_none()).count();
+    let (us_n, gb_n, de_n) = (count_of("US"), count_of("GB"), count_of("DE"));
+    assert!(
+        us_n > gb_n && us_n > de_n && gb_n != de_n,
+        "a clear top two"
+    );
+    let (second, second_n, third_n) = if gb_n > de_n {
+        ("GB", gb_n, de_n)
+    } else {
+        ("DE", de_n, gb_n)
+    };
+    let out = run(
+        &server,
+        &["count", "age IS NOT NULL", "--by", "country", "--top", "2"],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        Run::lines(&out),
+        vec![
+            aged.len().to_string(),
+            format!("US\t{us_n}"),
+            format!("{second}\t{second_n}"),
+            format!("(other)\t{third_n}"),
+            format!("(null)\t{nulls}"),
+        ]
+    );
+
+    // `--json` parses and carries the same numbers.
+    let out = run(
+        &server,
+        &[
+            "count",
+            "age IS NOT NULL",
+            "--by",
+            "country",
+            "--top",
+            "2",
+            "--json",
+        ],
+    )
+    .await
+    .ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("count --json");
+    assert_eq!(json["count"], aged.len());
+    assert_eq!(json["breakdown"][0]["value"], "US");
+    assert_eq!(json["breakdown"][0]["count"], us_n);
+    assert_eq!(json["breakdown"].as_array().unwrap().len(), 2);
+    assert_eq!(json["other_count"], third_n);
+    assert_eq!(json["null_count"], nulls);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_prints_one_id_per_line() {
+    let (server, everyone) = server_with_people(300).await;
+    let expr = r#"interests HAS "music" OR age < 25"#;
+    let expected = people_where(&everyone, |p| {
+        p.has("music") || p.age.is_some_and(|a| a < 25)
+    });
+    assert!(expected.len() > 100);
+
+    let out = run(&server, &["members", expr, "--limit", "3"]).await.ok();
+    let three = Run::lines(&out);
+    assert_eq!(three.len(), 3);
+    assert_eq!(three.iter().collect::<BTreeSet<_>>().len(), 3);
+    assert!(three.iter().all(|id| expected.contains(id)));
+
+    // Without a limit: every member, once.
+    let out = run(&server, &["members", expr]).await.ok();
+    let all = Run::lines(&out);
+    assert_eq!(all.len(), expected.len());
+    assert_eq!(sorted(all), expected);
+
+    // A limit above the total prints everyone; --json prints JSON strings.
+    let out = run(&server, &["members", expr, "--limit", "100000", "--json"])
+        .await
+        .ok();
+    let ids: Vec<String> = out
+        .lines()
+        .map(|line| serde_json::from_str::<String>(line).expect("a JSON string per line"))
+        .collect();
+    assert_eq!(sorted(ids), expected);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_commands_create_get_list_update_and_delete() {
+    let (server, everyone) = server_with_people(100).await;
+    let us = people_where(&everyone, |p| p.country == Some("US"));
+    let gb = people_where(&everyone, |p| p.country == Some("GB"));
+
+    let out = run(
+        &server,
+        &[
+            "segment",
+            "create",
+            "us",
+            r#"country = "US""#,
+            "--name",
+            "United States",
+            "--label",
+            "team=growth",
+            "--label",
+            "env=prod",
+        ],
+    )
+    .await
+    .ok();
+    let fields: Vec<&str> = out.trim_end().split('\t').collect();
+    assert_eq!(fields[..3], ["us", &us.len().to_string(), "United States"]);
+    run(
+        &server,
+        &[
+            "segment",
+            "create",
+            "gb",
+            r#"country = "GB""#,
+            "--label",
+            "team=brand",
+        ],
+    )
+    .await
+    .ok();
+
+    let out = run(&server, &["segment", "get", "us", "--json"]).await.ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("segment --json");
+    assert_eq!(json["id"], "us");
+    assert_eq!(json["name"], "United States");
+    assert_eq!(json["size"], us.len());
+    assert_eq!(json["labels"]["team"], "growth");
+    assert_eq!(json["labels"]["env"], "prod");
+    assert!(json["expression"].as_str().unwrap().contains("country"));
+
+    let out = run(&server, &["segment", "list"]).await.ok();
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, vec!["gb", "us"]);
+    let out = run(&server, &["segment", "list", "--label", "team=growth"])
+        .await
+        .ok();
+    assert_eq!(out.lines().count(), 1);
+    assert!(out.starts_with("us\t"));
+
+    let out = run(
+        &server,
+        &[
+            "segment",
+            "update",
+            "us",
+            "--expr",
+            r#"country = "GB""#,
+            "--name",
+            "Now GB",
+        ],
+    )
+    .await
+    .ok();
+    let fields: Vec<&str> = out.trim_end().split('\t').collect();
+    assert_eq!(fields[..3], ["us", &gb.len().to_string(), "Now GB"]);
+    let segment = server
+        .segments()
+        .get_segment(pb::GetSegmentRequest {
+            segment_id: "us".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    assert_eq!(segment.size as usize, gb.len());
+    assert_eq!(
+        segment.labels.get("team").map(String::as_str),
+        Some("growth")
+    );
+
+    // segments-for lists the segments of one user.
+    let out = run(&server, &["segments-for", &gb[0]]).await.ok();
+    assert_eq!(Run::lines(&out), vec!["gb", "us"]);
+    let out = run(&server, &["segments-for", &gb[0], "--json"]).await.ok();
+    let json: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json, vec!["gb", "us"]);
+    let out = run(&server, &["segments-for", "nobody"]).await.ok();
+    assert_eq!(out, "");
+
+    let out = run(&server, &["segment", "delete", "us"]).await.ok();
+    assert_eq!(out.trim(), "deleted us");
+    let failed = run(&server, &["segment", "get", "us"]).await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("NotFound"), "{}", failed.stderr);
+    assert!(failed.stderr.contains("us"));
+    let failed = run(
+        &server,
+        &["segment", "create", "x", "age > 1", "--label", "oops"],
+    )
+    .await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("key=value"), "{}", failed.stderr);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_describes_the_dataset() {
+    let (server, everyone) = server_with_people(50).await;
+    let out = run(&server, &["schema"]).await.ok();
+    let lines = Run::lines(&out);
+    assert_eq!(lines[0], "dataset\tdefault");
+    assert_eq!(lines[1], "users\t50");
+    assert_eq!(lines[2], "segments\t0");
+    assert_eq!(lines[3], "attribute\tkind\tdistinct\tnulls");
+    let no_country = everyone.iter().filter(|p| p.country.is_none()).count();
+    assert!(
+        lines.contains(&format!("country\tcategorical\t3\t{no_country}")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("interests\tset\t4\t")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("subscriber\tboolean\t2\t")));
+
+    let out = run(&server, &["schema", "--json"]).await.ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("schema --json");
+    assert_eq!(json["dataset"], "default");
+    assert_eq!(json["users"], 50);
+    let attributes = json["attributes"].as_array().unwrap();
+    let age = attributes.iter().find(|a| a["name"] == "age").unwrap();
+    assert_eq!(age["kind"], "integer");
+    assert_eq!(
+        age["null_count"],
+        everyone.iter().filter(|p| p.age.is_none()).count()
+    );
+    let failed = run(&server, &["schema", "--dataset", "nowhere"]).await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("nowhere"));
+    server.shutdown().await;
+}
+
+fn write_demo_parquet(path: &std::path::Path, batches: &[RecordBatch]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batches[0].schema(), None).unwrap();
+    for batch in batches {
+        writer.write(batch).unwrap();
+    }
+    writer.close().unwrap();
+}
+
+fn write_demo_arrow(path: &std::path::Path, batches: &[RecordBatch]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = arrow_ipc::writer::FileWriter::try_new(file, &batches[0].schema()).unwrap();
+    for batch in batches {
+        writer.write(batch).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_streams_parquet_and_arrow_files() {
+    let server = TestServer::start().await;
+    let batches: Vec<RecordBatch> = audience::demo::batches(2_500, 600, 11).collect();
+    let rows = demo_rows(2_500, 11);
+    let parquet_path = temp_path("demo.parquet");
+    write_demo_parquet(&parquet_path, &batches);
+
+    let out = run(
+        &server,
+        &["import", "users", parquet_path.to_str().unwrap()],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        out.trim(),
+        "imported 2500 rows: 2500 users created, 0 updated"
+    );
+    let us = rows
+        .iter()
+        .filter(|r| r.country.as_deref() == Some("US"))
+        .count();
+    let out = run(&server, &["count", r#"country = "US""#]).await.ok();
+    assert_eq!(out.trim(), us.to_string());
+
+    // The same file again updates everyone; --json prints the summary as JSON.
+    let out = run(
+        &server,
+        &["import", "users", parquet_path.to_str().unwrap(), "--json"],
+    )
+    .await
+    .ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("import --json");
+    assert_eq!(json["rows"], 2_500);
+    assert_eq!(json["created"], 0);
+    assert_eq!(json["updated"], 2_500);
+
+    // An Arrow IPC file into another dataset, and the server reading a file itself.
+    let arrow_path = temp_path("demo.arrow");
+    // One batch: the IPC file format allows a single dictionary per column.
+    write_demo_arrow(&arrow_path, &[audience::demo::batch(0..1_200, 11)]);
+    let out = run(
+        &server,
+        &[
+            "import",
+            "users",
+            arrow_path.to_str().unwrap(),
+            "--dataset",
+            "ipc",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        out.trim(),
+        "imported 1200 rows: 1200 users created, 0 updated"
+    );
+    let first_1200_ios = rows[..1200]
+        .iter()
+        .filter(|r| r.device.as_deref() == Some("ios"))
+        .count();
+    let out = run(&server, &["count", r#"device = "ios""#, "--dataset", "ipc"])
+        .await
+        .ok();
+    assert_eq!(out.trim(), first_1200_ios.to_string());
+    let out = run(
+        &server,
+        &[
+            "import",
+            "users",
+            parquet_path.to_str().unwrap(),
+            "--dataset",
+            "server-side",
+            "--server-side",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        out.trim(),
+        "imported 2500 rows: 2500 users created, 0 updated"
+    );
+    assert_eq!(
+        count(&server, "server-side", text(r#"country = "US""#)).await,
+        us as u64
+    );
+
+    // A file the client cannot read, and events, fail with a message.
+    let failed = run(
+        &server,
+        &["import", "users", "/definitely/not/here.parquet"],
+    )
+    .await;
+    assert!(!failed.success);
+    assert!(failed.stderr.starts_with("error:"), "{}", failed.stderr);
+    let failed = run(
+        &server,
+        &["import", "events", parquet_path.to_str().unwrap()],
+    )
+    .await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("events"), "{}", failed.stderr);
+    for path in [parquet_path, arrow_path] {
+        std::fs::remove_file(path).ok();
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_exit_non_zero_with_the_message_on_stderr() {
+    let (server, _) = server_with_people(10).await;
+    let failed = run(&server, &["count", "age = AND x"]).await;
+    assert!(!failed.success);
+    assert_eq!(failed.stdout, "");
+    assert!(failed.stderr.contains("1:7"), "{}", failed.stderr);
+    assert!(
+        failed.stderr.contains("InvalidArgument"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("expected a value after '='"),
+        "{}",
+        failed.stderr
+    );
+    let failed = run(&server, &["members", "agee > 1", "--limit", "2"]).await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("agee"), "{}", failed.stderr);
+    let failed = run(&server, &["count", "age > 1", "--as-of", "yesterday"]).await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("--as-of"), "{}", failed.stderr);
+
+    // A server that is not there.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let failed = audience_cli(&format!("http://{closed}"), &["count", "age > 1"]).await;
+    assert!(!failed.success);
+    assert!(
+        failed.stderr.contains("cannot connect"),
+        "{}",
+        failed.stderr
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_is_passed_to_the_server() {
+    let server = TestServer::start().await;
+    const DAY: i64 = 86_400_000;
+    let users = (0..40)
+        .map(|d| {
+            update::user(
+                &format!("u{d}"),
+                vec![update::timestamp("signup", JAN_1_2026 - d * DAY)],
+            )
+        })
+        .collect();
+    server
+        .ingest()
+        .upsert_users(pb::UpsertUsersRequest {
+            users,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The server clock is fixed at 2026-01-01: days 0..=7.
+    let out = run(&server, &["count", "signup >= NOW - 7d"]).await.ok();
+    assert_eq!(out.trim(), "8");
+    // As of 2025-12-22 (ten days earlier): days 10..=17.
+    let out = run(
+        &server,
+        &[
+            "members",
+            "signup >= NOW - 7d AND signup <= NOW",
+            "--as-of",
+            "2025-12-22T00:00:00Z",
+        ],
+    )
+    .await
+    .ok();
+    let expected: Vec<String> = (10..=17).map(|d| format!("u{d}")).collect();
+    assert_eq!(sorted(Run::lines(&out)), sorted(expected));
+    server.shutdown().await;
+}

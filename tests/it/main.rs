@@ -1,0 +1,11 @@
+//! The integration test binary: the real server on port 0, driven over gRPC and through the CLI,
+//! and property tests of the engine against an independent row-by-row model.
+
+mod cli;
+mod grpc_errors;
+mod grpc_ingest;
+mod grpc_queries;
+mod grpc_segments;
+mod harness;
+mod model;
+mod properties;
