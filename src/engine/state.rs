@@ -13,6 +13,7 @@ use super::change::{
 use super::error::{EngineError, Result};
 use super::eval::Scope;
 use super::plan::Binder;
+use crate::index::bitmap::add;
 use crate::index::keys::DenseId;
 use crate::index::{Attribute, AttributeKind, Bitmap, KeyDictionary};
 use crate::time::{parse_rfc3339, Millis};
@@ -145,7 +146,7 @@ impl DatasetState {
     pub fn user_mut(&mut self, user_id: &str) -> Result<(DenseId, bool)> {
         let (id, created) = self.keys.get_or_insert(user_id)?;
         if created {
-            Arc::make_mut(&mut self.live).insert(id);
+            add(Arc::make_mut(&mut self.live), id);
         }
         Ok((id, created))
     }

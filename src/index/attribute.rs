@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::bitmap::Bitmap;
+use super::bitmap::{add, Bitmap};
 use super::chunked::ChunkedVec;
 use super::dictionary::{ValueCode, ValueDictionary};
 use super::keys::DenseId;
@@ -100,9 +100,9 @@ impl Categorical {
             self.bitmaps
                 .resize_with(code as usize + 1, || Arc::new(Bitmap::new()));
         }
-        Arc::make_mut(&mut self.bitmaps[code as usize]).insert(id);
+        add(Arc::make_mut(&mut self.bitmaps[code as usize]), id);
         self.codes.0.set(id, code);
-        Arc::make_mut(&mut self.present).insert(id);
+        add(Arc::make_mut(&mut self.present), id);
     }
 
     /// Makes one user's value null.
@@ -174,12 +174,12 @@ impl SetAttribute {
                     .resize_with(code + 1, || Arc::new(Bitmap::new()));
             }
             if !self.bitmaps[code].contains(id) {
-                Arc::make_mut(&mut self.bitmaps[code]).insert(id);
+                add(Arc::make_mut(&mut self.bitmaps[code]), id);
             }
             added = true;
         }
         if added && !self.present.contains(id) {
-            Arc::make_mut(&mut self.present).insert(id);
+            add(Arc::make_mut(&mut self.present), id);
         }
     }
 
@@ -272,7 +272,7 @@ impl BooleanAttribute {
             Arc::make_mut(from).remove(id);
         }
         if !to.contains(id) {
-            Arc::make_mut(to).insert(id);
+            add(Arc::make_mut(to), id);
         }
     }
 

@@ -24,3 +24,12 @@ pub fn full_range(len: u32) -> Bitmap {
     set.insert_range(0..len);
     set
 }
+
+/// Adds one id: an O(1) append when it is past the maximum (bulk loads assign ascending ids),
+/// a search-and-insert otherwise.
+#[inline]
+pub fn add(set: &mut Bitmap, id: u32) {
+    if set.try_push(id).is_err() {
+        set.insert(id);
+    }
+}

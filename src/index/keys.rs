@@ -198,8 +198,10 @@ impl KeyDictionary {
         chunk_bytes(&self.chunks, id)
     }
 
+    /// The shard of a hash, from middle bits: hashbrown takes a slot from the low bits and its
+    /// 7-bit tag from the top bits, and a shard whose keys all shared either would probe badly.
     fn shard(hash: u64) -> usize {
-        (hash >> (64 - SHARD_BITS)) as usize
+        ((hash >> 40) & ((1 << SHARD_BITS) - 1)) as usize
     }
 }
 

@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use super::bitmap::{union_all, Bitmap};
+use super::bitmap::{add, union_all, Bitmap};
 use super::chunked::ChunkedVec;
 use super::keys::DenseId;
 
@@ -119,7 +119,7 @@ impl<T: NumericValue> Bucket<T> {
                 self.max = value;
             }
         }
-        Arc::make_mut(&mut self.members).insert(id);
+        add(Arc::make_mut(&mut self.members), id);
     }
 }
 
@@ -132,6 +132,8 @@ pub struct NumericColumn<T: NumericValue> {
     present: Arc<Bitmap>,
     /// Sorted by `lower`; the first bucket's lower is `T::LOWEST`, so every value has one.
     buckets: Vec<Bucket<T>>,
+    /// Users with a value at the last rebuild.
+    rebuilt_at: u64,
 }
 
 impl<T: NumericValue> Default for NumericColumn<T> {
@@ -140,6 +142,7 @@ impl<T: NumericValue> Default for NumericColumn<T> {
             values: ChunkedVec::new(T::default()),
             present: Arc::new(Bitmap::new()),
             buckets: vec![Bucket::empty(T::LOWEST)],
+            rebuilt_at: 0,
         }
     }
 }
@@ -160,7 +163,7 @@ impl<T: NumericValue> NumericColumn<T> {
     pub fn set(&mut self, id: DenseId, value: T) {
         self.clear(id);
         self.values.set(id, value);
-        Arc::make_mut(&mut self.present).insert(id);
+        add(Arc::make_mut(&mut self.present), id);
         let bucket = self.bucket_of(value);
         self.buckets[bucket].add(id, value);
     }
@@ -181,7 +184,7 @@ impl<T: NumericValue> NumericColumn<T> {
         }
         if let Some(universe) = within {
             if self.prefers_scan(range, universe) {
-                return self.filter(universe.iter(), range);
+                return self.filter((universe & &*self.present).iter(), range);
             }
         }
         let (inside, edges) = self.classify(range);
@@ -203,7 +206,7 @@ impl<T: NumericValue> NumericColumn<T> {
         }
         if let Some(universe) = within {
             if self.prefers_scan(range, universe) {
-                return self.filter(universe.iter(), range).len();
+                return self.filter((universe & &*self.present).iter(), range).len();
             }
         }
         let (inside, edges) = self.classify(range);
@@ -237,15 +240,25 @@ impl<T: NumericValue> NumericColumn<T> {
 
     /// Re-cuts the buckets when one has grown far past its share, so edge passes stay small.
     /// Cheap when nothing is out of balance: it only looks at bucket sizes.
+    ///
+    /// A rebuild reads every value, so after one the column must grow by half, or a bucket grow
+    /// to 8× its share, before the next: rebuilds stay amortized O(1) per write even when the
+    /// data cannot be balanced (one value held by most users).
     pub fn rebalance(&mut self) {
-        let share = self.present.len() / DEPTH_BUCKETS as u64;
+        let present = self.present.len();
+        let share = present / DEPTH_BUCKETS as u64;
         let limit = (2 * share).max(MIN_REBUILD_BUCKET);
-        let unbalanced = self
+        let grown = present >= self.rebuilt_at + self.rebuilt_at / 2;
+        let worst = self
             .buckets
             .iter()
-            .any(|b| b.members.len() > limit && b.min.order(&b.max).is_ne());
-        if unbalanced {
+            .filter(|b| b.min.order(&b.max).is_ne())
+            .map(|b| b.members.len())
+            .max()
+            .unwrap_or(0);
+        if worst > limit && (grown || worst > 4 * limit) {
             self.rebuild();
+            self.rebuilt_at = present;
         }
     }
 
@@ -277,12 +290,10 @@ impl<T: NumericValue> NumericColumn<T> {
         (inside, edges)
     }
 
+    /// The ids (all with a value) whose value lies in `range`.
     fn filter(&self, ids: impl Iterator<Item = DenseId>, range: &ValueRange<T>) -> Bitmap {
-        let present = &self.present;
-        Bitmap::from_sorted_iter(
-            ids.filter(|&id| present.contains(id) && range.contains(self.values.get(id))),
-        )
-        .unwrap_or_default()
+        Bitmap::from_sorted_iter(ids.filter(|&id| range.contains(self.values.get(id))))
+            .unwrap_or_default()
     }
 
     fn bucket_of(&self, value: T) -> usize {
@@ -335,11 +346,14 @@ impl<T: NumericValue> NumericColumn<T> {
             .map(|(_, id)| self.values.get(id))
             .collect();
         sample.sort_unstable_by(T::order);
-        sample.dedup_by(|a, b| a.order(b).is_eq());
+        let mut distinct = sample.clone();
+        distinct.dedup_by(|a, b| a.order(b).is_eq());
         let mut bounds = vec![T::LOWEST];
-        if sample.len() <= EXACT_BUCKETS {
-            bounds.extend(sample);
+        if distinct.len() <= EXACT_BUCKETS {
+            bounds.extend(distinct);
         } else {
+            // Quantiles of the values with their repeats, so each bucket holds a similar number
+            // of users; a value repeated past a bucket's share gets a bucket of its own.
             let step = sample.len() as f64 / DEPTH_BUCKETS as f64;
             bounds.extend((1..DEPTH_BUCKETS).map(|i| sample[(i as f64 * step) as usize]));
         }
