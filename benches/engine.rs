@@ -31,6 +31,15 @@ fn users() -> u64 {
         .unwrap_or(10_000_000)
 }
 
+/// Whether a group should run: `AUDIENCE_BENCH_GROUPS=count,import` runs only those (each
+/// group's set-up is skipped too, which criterion's own filter cannot do).
+fn wanted(group: &str) -> bool {
+    match std::env::var("AUDIENCE_BENCH_GROUPS") {
+        Ok(groups) => groups.split(',').any(|g| g.trim() == group),
+        Err(_) => true,
+    }
+}
+
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -151,6 +160,22 @@ fn benches(c: &mut Criterion) {
         grown as f64 / rows as f64
     );
 
+    if wanted("count") {
+        bench_counts(c, &state, rows, &label);
+    }
+    if wanted("export") {
+        bench_export(c, &state, &label);
+    }
+    if wanted("segments_for_user") {
+        bench_segments_for_user(c, &mut state, rows, &label);
+    }
+    drop(state);
+    if wanted("import") {
+        bench_import(c, rows);
+    }
+}
+
+fn bench_counts(c: &mut Criterion, state: &DatasetState, rows: u64, label: &str) {
     let mut group = c.benchmark_group("count");
     for (name, text) in [
         ("1_predicate", ONE),
@@ -162,7 +187,7 @@ fn benches(c: &mut Criterion) {
             "{name}: {} users",
             state.count(&audience, AS_OF).expect("count")
         );
-        group.bench_function(BenchmarkId::new(name, &label), |b| {
+        group.bench_function(BenchmarkId::new(name, label), |b| {
             b.iter(|| black_box(state.count(&audience, AS_OF).expect("count")))
         });
     }
@@ -179,18 +204,20 @@ fn benches(c: &mut Criterion) {
         state.count(&parse(THREE), AS_OF).expect("count"),
         "baseline agrees"
     );
-    group.bench_function(BenchmarkId::new("arrow_scan_3", &label), |b| {
+    group.bench_function(BenchmarkId::new("arrow_scan_3", label), |b| {
         b.iter(|| black_box(arrow_scan_3(&columns)))
     });
     drop(columns);
     group.finish();
+}
 
+fn bench_export(c: &mut Criterion, state: &DatasetState, label: &str) {
     let mut group = c.benchmark_group("export");
     let half = parse(r#"device = "ios" OR gender = "female""#);
     let members = state.select(&half, AS_OF).expect("select");
     group.throughput(Throughput::Elements(members.len()));
     group.sample_size(10);
-    group.bench_function(BenchmarkId::new("external_ids", &label), |b| {
+    group.bench_function(BenchmarkId::new("external_ids", label), |b| {
         b.iter(|| {
             let mut n = 0usize;
             let mut ids = members.iter();
@@ -205,9 +232,11 @@ fn benches(c: &mut Criterion) {
         })
     });
     group.finish();
+}
 
+fn bench_segments_for_user(c: &mut Criterion, state: &mut DatasetState, rows: u64, label: &str) {
     let started = Instant::now();
-    segments(&mut state, 1_000);
+    segments(state, 1_000);
     println!(
         "1,000 segments created in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -218,15 +247,16 @@ fn benches(c: &mut Criterion) {
         .map(|_| audience::demo::user_id(rng.below(rows)))
         .collect();
     let mut next = 0usize;
-    group.bench_function(BenchmarkId::new("1000_segments", &label), |b| {
+    group.bench_function(BenchmarkId::new("1000_segments", label), |b| {
         b.iter(|| {
             next = (next + 1) % ids.len();
             black_box(state.segments_for_user(&ids[next]).len())
         })
     });
     group.finish();
-    drop(state);
+}
 
+fn bench_import(c: &mut Criterion, rows: u64) {
     let import_rows = rows.min(1_000_000);
     let path = std::env::temp_dir().join(format!("audience-bench-{}.parquet", std::process::id()));
     write_parquet(&path, import_rows);

@@ -97,11 +97,26 @@ pub fn apply_batch(
     })?;
     let columns = plan_columns(state, batch, id_index)?;
     let (ids, outcome) = assign_ids(state, batch.column(id_index), &input.id_column)?;
+    let (rows, touched) = last_rows(&ids);
     for (name, kind, array) in columns {
-        load_column(state, &name, kind, &array, &ids)?;
+        load_column(state, &name, kind, &array, &rows)?;
     }
-    let touched = Bitmap::from_iter(ids.iter().copied());
     Ok((outcome, touched))
+}
+
+/// `(row, id)` of the last row of each id (a later row of the same user replaces every column
+/// of an earlier one), in row order, and the set of ids.
+fn last_rows(ids: &[DenseId]) -> (Vec<(usize, DenseId)>, Bitmap) {
+    let mut seen = Bitmap::new();
+    let mut rows: Vec<(usize, DenseId)> = ids
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, &id)| seen.insert(id))
+        .map(|(row, &id)| (row, id))
+        .collect();
+    rows.reverse();
+    (rows, seen)
 }
 
 /// Checks every column's type against the dataset before anything is written.
@@ -145,112 +160,112 @@ fn assign_ids(
     column: &ArrayRef,
     name: &str,
 ) -> Result<(Vec<DenseId>, ChangeOutcome)> {
-    let strings = match column.data_type() {
-        data_type if kind_of(data_type) == Some(AttributeKind::Categorical) => {
-            strict_cast(name, column, &DataType::Utf8)?
-        }
-        data_type if kind_of(data_type) == Some(AttributeKind::Integer) => {
-            strict_cast(name, column, &DataType::Utf8)?
-        }
-        other => {
-            return Err(EngineError::Import(format!(
-                "id column '{name}' has type {other}; use strings or integers"
-            )))
-        }
-    };
+    let kind = kind_of(column.data_type());
+    if !matches!(
+        kind,
+        Some(AttributeKind::Categorical | AttributeKind::Integer)
+    ) {
+        return Err(EngineError::Import(format!(
+            "id column '{name}' has type {}; use strings or integers",
+            column.data_type()
+        )));
+    }
+    let strings = strict_cast(name, column, &DataType::Utf8)?;
     let strings = strings.as_string::<i32>();
     let mut ids = Vec::with_capacity(strings.len());
     let mut outcome = ChangeOutcome::default();
+    let mut created = Vec::new();
     for row in 0..strings.len() {
         if strings.is_null(row) {
             return Err(EngineError::Import(format!(
                 "row {row}: id column '{name}' is null"
             )));
         }
-        let (id, created) = state
-            .user_mut(strings.value(row))
+        let (id, new) = state
+            .keys
+            .get_or_insert(strings.value(row))
             .map_err(|e| EngineError::Import(format!("row {row}: {e}")))?;
-        if created {
+        if new {
             outcome.created += 1;
+            created.push(id);
         } else {
             outcome.updated += 1;
         }
         ids.push(id);
     }
+    crate::index::attribute::update_set(&mut state.live, &created, &[]);
     Ok((ids, outcome))
 }
 
+/// Writes one column for the given `(row, id)` pairs (nulls clear).
 fn load_column(
     state: &mut DatasetState,
     name: &str,
     kind: AttributeKind,
     array: &ArrayRef,
-    ids: &[DenseId],
+    rows: &[(usize, DenseId)],
 ) -> Result<()> {
     let attribute = state.attribute_mut(name, kind)?;
     match attribute {
         Attribute::Categorical(a) => {
             let codes = categorical_codes(name, array, &mut a.dictionary)?;
-            for (&id, code) in ids.iter().zip(codes) {
-                match code {
-                    Some(code) => a.set_code(id, code),
-                    None => a.clear(id),
-                }
-            }
+            let rows: Vec<_> = rows.iter().map(|&(row, id)| (id, codes[row])).collect();
+            a.set_codes(&rows);
         }
         Attribute::Set(a) => {
-            let lists = strict_cast(
-                name,
-                array,
-                &DataType::List(std::sync::Arc::new(Field::new_list_field(
-                    DataType::Utf8,
-                    true,
-                ))),
-            )?;
+            let item = Field::new_list_field(DataType::Utf8, true);
+            let lists = strict_cast(name, array, &DataType::List(std::sync::Arc::new(item)))?;
             let lists = lists.as_list::<i32>();
-            for (row, &id) in ids.iter().enumerate() {
-                if lists.is_null(row) {
-                    a.clear(id);
-                    continue;
-                }
-                let members = lists.value(row);
-                let members = members.as_string::<i32>();
-                a.set(id, members.iter().flatten());
-            }
+            let values = lists.values().as_string::<i32>();
+            let offsets = lists.value_offsets();
+            let rows: Vec<(DenseId, Vec<&str>)> = rows
+                .iter()
+                .map(|&(row, id)| {
+                    let members = if lists.is_null(row) {
+                        Vec::new()
+                    } else {
+                        (offsets[row] as usize..offsets[row + 1] as usize)
+                            .filter(|&i| values.is_valid(i))
+                            .map(|i| values.value(i))
+                            .collect()
+                    };
+                    (id, members)
+                })
+                .collect();
+            a.set_many(&rows);
         }
         Attribute::Boolean(a) => {
             let values = array
                 .as_boolean_opt()
                 .ok_or_else(|| EngineError::Import(format!("column '{name}' is not boolean")))?;
-            for (row, &id) in ids.iter().enumerate() {
-                match values.is_valid(row) {
-                    true => a.set(id, values.value(row)),
-                    false => a.clear(id),
-                }
-            }
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|&(row, id)| (id, values.is_valid(row).then(|| values.value(row))))
+                .collect();
+            a.set_many(&rows);
         }
         Attribute::Integer(a) => {
             let values = strict_cast(name, array, &DataType::Int64)?;
             let values = values.as_primitive::<Int64Type>();
-            for (row, &id) in ids.iter().enumerate() {
-                match values.is_valid(row) {
-                    true => a.set(id, values.value(row)),
-                    false => a.clear(id),
-                }
-            }
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|&(row, id)| (id, values.is_valid(row).then(|| values.value(row))))
+                .collect();
+            a.set_many(&rows);
         }
         Attribute::Float(a) => {
             let values = strict_cast(name, array, &DataType::Float64)?;
             let values = values.as_primitive::<Float64Type>();
-            for (row, &id) in ids.iter().enumerate() {
-                if values.is_null(row) {
-                    a.clear(id);
-                    continue;
-                }
-                let value = checked_float(name, values.value(row))
-                    .map_err(|e| EngineError::Import(format!("row {row}: {e}")))?;
-                a.set(id, value);
-            }
+            let rows = rows
+                .iter()
+                .map(|&(row, id)| match values.is_valid(row) {
+                    true => checked_float(name, values.value(row))
+                        .map(|v| (id, Some(v)))
+                        .map_err(|e| EngineError::Import(format!("row {row}: {e}"))),
+                    false => Ok((id, None)),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            a.set_many(&rows);
         }
         Attribute::Timestamp(a) => {
             let values = match array.data_type() {
@@ -268,12 +283,8 @@ fn load_column(
                     .iter()
                     .collect(),
             };
-            for (&id, value) in ids.iter().zip(millis) {
-                match value {
-                    Some(ms) => a.set(id, ms),
-                    None => a.clear(id),
-                }
-            }
+            let rows: Vec<_> = rows.iter().map(|&(row, id)| (id, millis[row])).collect();
+            a.set_many(&rows);
         }
     }
     Ok(())

@@ -164,11 +164,9 @@ impl DatasetState {
         let Some(id) = self.live_id(user_id) else {
             return Vec::new();
         };
-        self.segments
-            .iter()
-            .filter(|(_, segment)| segment.members.contains(id))
-            .map(|(name, _)| name.as_str())
-            .collect()
+        let mut segments: Vec<&str> = self.membership.segments_of(id).collect();
+        segments.sort_unstable();
+        segments
     }
 
     /// Whether a user is in each segment, in order; `None` for an unknown user.

@@ -15,6 +15,7 @@ use super::eval::Scope;
 use super::plan::Binder;
 use crate::index::bitmap::add;
 use crate::index::keys::DenseId;
+use crate::index::membership::MembershipIndex;
 use crate::index::{Attribute, AttributeKind, Bitmap, KeyDictionary};
 use crate::time::{parse_rfc3339, Millis};
 
@@ -24,6 +25,8 @@ pub struct Segment {
     pub definition: SegmentDefinition,
     /// Kept current on every write; a subset of the live users.
     pub members: Arc<Bitmap>,
+    /// The segment's bit in [`DatasetState::membership`].
+    pub slot: usize,
 }
 
 /// A consistent version of one dataset.
@@ -37,6 +40,8 @@ pub struct DatasetState {
     pub attributes: BTreeMap<String, Arc<Attribute>>,
     /// Segment id → definition and members.
     pub segments: BTreeMap<String, Arc<Segment>>,
+    /// Every user's segments, mirrored from `segments` for per-user lookups.
+    pub membership: MembershipIndex,
     /// Bumped by every applied change; names this version.
     pub version: u64,
 }
@@ -272,13 +277,24 @@ impl DatasetState {
                 continue;
             };
             let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
-            let members = match (touched, &scope_users) {
+            let old = segment.members.clone();
+            let slot = segment.slot;
+            let (members, entered, left) = match (touched, &scope_users) {
                 (Some(touched), Some(scope)) => {
                     let entering = plan.select(Scope::Within(scope));
-                    (&*segment.members - touched) | entering
+                    let was = &*old & touched;
+                    let entered = &entering - &was;
+                    let left = &was - &entering;
+                    ((&*old - touched) | entering, entered, left)
                 }
-                _ => plan.select(Scope::All(&self.live)),
+                _ => {
+                    let members = plan.select(Scope::All(&self.live));
+                    let entered = &members - &*old;
+                    let left = &*old - &members;
+                    (members, entered, left)
+                }
             };
+            self.membership.update(slot, &entered, &left);
             if let Some(segment) = self.segments.get_mut(id) {
                 Arc::make_mut(segment).members = Arc::new(members);
             }
@@ -314,11 +330,18 @@ impl DatasetState {
         let plan = Binder::new(self, now).bind(&definition.expression)?;
         let members = plan.select(Scope::All(&self.live));
         let id = definition.id.clone();
+        let (slot, old) = match self.segments.get(&id) {
+            Some(existing) => (existing.slot, existing.members.clone()),
+            None => (self.membership.add_segment(&id), Arc::new(Bitmap::new())),
+        };
+        self.membership
+            .update(slot, &(&members - &*old), &(&*old - &members));
         self.segments.insert(
             id.clone(),
             Arc::new(Segment {
                 definition,
                 members: Arc::new(members),
+                slot,
             }),
         );
         let dependents: Vec<String> = self
@@ -398,7 +421,10 @@ impl DatasetState {
                 referenced_by,
             });
         }
-        self.segments.remove(id);
+        if let Some(segment) = self.segments.remove(id) {
+            self.membership
+                .remove_segment(segment.slot, &segment.members);
+        }
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! Invariant shared by every kind: each bitmap holds only live users (a deleted user is removed
 //! from all of them), so evaluation never needs to intersect with the live set.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::bitmap::{add, Bitmap};
@@ -105,6 +106,43 @@ impl Categorical {
         add(Arc::make_mut(&mut self.present), id);
     }
 
+    /// Sets (or, for `None`, clears) the values of many users, each id at most once: every
+    /// bitmap and chunk is taken for writing once per call instead of once per user.
+    pub fn set_codes(&mut self, rows: &[(DenseId, Option<ValueCode>)]) {
+        let mut added: HashMap<ValueCode, Vec<DenseId>> = HashMap::new();
+        let mut removed: HashMap<ValueCode, Vec<DenseId>> = HashMap::new();
+        let (mut gained, mut lost) = (Vec::new(), Vec::new());
+        let mut writes = Vec::with_capacity(rows.len());
+        for &(id, code) in rows {
+            let old = self.codes.0.get(id);
+            let new = code.unwrap_or(NULL_CODE);
+            if old == new {
+                continue;
+            }
+            match (old == NULL_CODE, new == NULL_CODE) {
+                (true, false) => gained.push(id),
+                (false, true) => lost.push(id),
+                _ => {}
+            }
+            if old != NULL_CODE {
+                removed.entry(old).or_default().push(id);
+            }
+            if new != NULL_CODE {
+                added.entry(new).or_default().push(id);
+            }
+            writes.push((id, new));
+        }
+        self.codes.0.set_many(writes);
+        if let Some(&max) = added.keys().max() {
+            if self.bitmaps.len() <= max as usize {
+                self.bitmaps
+                    .resize_with(max as usize + 1, || Arc::new(Bitmap::new()));
+            }
+        }
+        apply_grouped(&mut self.bitmaps, removed, added);
+        update_set(&mut self.present, &gained, &lost);
+    }
+
     /// Makes one user's value null.
     pub fn clear(&mut self, id: DenseId) {
         let old = self.codes.0.get(id);
@@ -201,6 +239,45 @@ impl SetAttribute {
         }
     }
 
+    /// Replaces the sets of many users (an empty list makes it null), each id at most once,
+    /// taking each bitmap for writing once per call.
+    pub fn set_many(&mut self, rows: &[(DenseId, Vec<&str>)]) {
+        let mut added: HashMap<ValueCode, Vec<DenseId>> = HashMap::new();
+        let mut removed: HashMap<ValueCode, Vec<DenseId>> = HashMap::new();
+        let (mut gained, mut lost) = (Vec::new(), Vec::new());
+        for (id, values) in rows {
+            let had = self.present.contains(*id);
+            let mut codes: Vec<ValueCode> =
+                values.iter().map(|v| self.dictionary.intern(v)).collect();
+            codes.sort_unstable();
+            codes.dedup();
+            let old: Vec<ValueCode> = if had {
+                (0..self.bitmaps.len() as ValueCode)
+                    .filter(|&c| self.bitmaps[c as usize].contains(*id))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for &code in old.iter().filter(|c| codes.binary_search(c).is_err()) {
+                removed.entry(code).or_default().push(*id);
+            }
+            for &code in codes.iter().filter(|c| old.binary_search(c).is_err()) {
+                added.entry(code).or_default().push(*id);
+            }
+            match (had, codes.is_empty()) {
+                (false, false) => gained.push(*id),
+                (true, true) => lost.push(*id),
+                _ => {}
+            }
+        }
+        if self.bitmaps.len() < self.dictionary.len() {
+            self.bitmaps
+                .resize_with(self.dictionary.len(), || Arc::new(Bitmap::new()));
+        }
+        apply_grouped(&mut self.bitmaps, removed, added);
+        update_set(&mut self.present, &gained, &lost);
+    }
+
     /// Replaces one user's set.
     pub fn set<'a>(&mut self, id: DenseId, values: impl IntoIterator<Item = &'a str>) {
         self.clear(id);
@@ -274,6 +351,31 @@ impl BooleanAttribute {
         if !to.contains(id) {
             add(Arc::make_mut(to), id);
         }
+    }
+
+    /// Sets (or clears) the values of many users, taking each bitmap for writing once.
+    pub fn set_many(&mut self, rows: &[(DenseId, Option<bool>)]) {
+        let (mut to_true, mut to_false, mut off_true, mut off_false) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &(id, value) in rows {
+            match (self.value(id), value) {
+                (old, new) if old == new => {}
+                (old, new) => {
+                    match old {
+                        Some(true) => off_true.push(id),
+                        Some(false) => off_false.push(id),
+                        None => {}
+                    }
+                    match new {
+                        Some(true) => to_true.push(id),
+                        Some(false) => to_false.push(id),
+                        None => {}
+                    }
+                }
+            }
+        }
+        update_set(&mut self.true_users, &to_true, &off_true);
+        update_set(&mut self.false_users, &to_false, &off_false);
     }
 
     /// Makes one user's value null.
@@ -382,6 +484,42 @@ impl Attribute {
             Attribute::Integer(a) | Attribute::Timestamp(a) => a.heap_bytes(),
             Attribute::Float(a) => a.heap_bytes(),
         }
+    }
+}
+
+/// Removes then adds grouped ids, taking each touched bitmap for writing once.
+fn apply_grouped(
+    bitmaps: &mut [Arc<Bitmap>],
+    removed: HashMap<ValueCode, Vec<DenseId>>,
+    added: HashMap<ValueCode, Vec<DenseId>>,
+) {
+    for (code, ids) in removed {
+        if let Some(bitmap) = bitmaps.get_mut(code as usize) {
+            let bitmap = Arc::make_mut(bitmap);
+            ids.iter().for_each(|&id| {
+                bitmap.remove(id);
+            });
+        }
+    }
+    for (code, ids) in added {
+        if let Some(bitmap) = bitmaps.get_mut(code as usize) {
+            let bitmap = Arc::make_mut(bitmap);
+            ids.iter().for_each(|&id| add(bitmap, id));
+        }
+    }
+}
+
+/// Adds and removes ids of one shared set, taking it for writing only when something changes.
+pub(crate) fn update_set(set: &mut Arc<Bitmap>, gained: &[DenseId], lost: &[DenseId]) {
+    if gained.is_empty() && lost.is_empty() {
+        return;
+    }
+    let set = Arc::make_mut(set);
+    for &id in lost {
+        set.remove(id);
+    }
+    for &id in gained {
+        add(set, id);
     }
 }
 

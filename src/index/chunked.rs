@@ -53,6 +53,29 @@ impl<T: Copy> ChunkedVec<T> {
         Arc::make_mut(&mut self.chunks[chunk])[offset] = value;
     }
 
+    /// Sets many values, taking each chunk for writing once per run of ids in it (a bulk load
+    /// would otherwise pay an atomic uniqueness check per value).
+    pub fn set_many(&mut self, items: impl IntoIterator<Item = (u32, T)>) {
+        let mut items = items.into_iter().peekable();
+        while let Some((id, value)) = items.next() {
+            let index = id as usize;
+            if index >= self.len {
+                self.grow_to(index + 1);
+            }
+            let chunk_index = index >> CHUNK_BITS;
+            let chunk = Arc::make_mut(&mut self.chunks[chunk_index]);
+            chunk[index & (CHUNK_LEN - 1)] = value;
+            while let Some(&(next, value)) = items.peek() {
+                let next = next as usize;
+                if next >> CHUNK_BITS != chunk_index || next & (CHUNK_LEN - 1) >= chunk.len() {
+                    break;
+                }
+                chunk[next & (CHUNK_LEN - 1)] = value;
+                items.next();
+            }
+        }
+    }
+
     /// Number of addressable slots.
     pub fn len(&self) -> usize {
         self.len
@@ -103,6 +126,19 @@ mod tests {
         assert_eq!(column.get(70_000), u32::MAX);
         assert_eq!(column.get(200_000), 9);
         assert_eq!(column.len(), 200_001);
+        column.set_many([
+            (1, 1),
+            (2, 2),
+            (70_000, 3),
+            (70_001, 4),
+            (300_000, 5),
+            (0, 6),
+        ]);
+        let read: Vec<u32> = [0, 1, 2, 3, 70_000, 70_001, 300_000, 299_999]
+            .iter()
+            .map(|&id| column.get(id))
+            .collect();
+        assert_eq!(read, vec![6, 1, 2, 7, 3, 4, 5, u32::MAX]);
     }
 
     #[test]

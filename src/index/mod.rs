@@ -8,6 +8,7 @@ pub mod bitmap;
 pub mod chunked;
 pub mod dictionary;
 pub mod keys;
+pub mod membership;
 pub mod numeric;
 
 pub use attribute::{Attribute, AttributeKind};

@@ -107,6 +107,24 @@ impl<T: NumericValue> Bucket<T> {
         }
     }
 
+    fn add_many(&mut self, items: &[(DenseId, T)]) {
+        let was_empty = self.members.is_empty();
+        let members = Arc::make_mut(&mut self.members);
+        for (i, &(id, value)) in items.iter().enumerate() {
+            if was_empty && i == 0 {
+                self.min = value;
+                self.max = value;
+            }
+            if value.order(&self.min).is_lt() {
+                self.min = value;
+            }
+            if value.order(&self.max).is_gt() {
+                self.max = value;
+            }
+            add(members, id);
+        }
+    }
+
     fn add(&mut self, id: DenseId, value: T) {
         if self.members.is_empty() {
             self.min = value;
@@ -166,6 +184,45 @@ impl<T: NumericValue> NumericColumn<T> {
         add(Arc::make_mut(&mut self.present), id);
         let bucket = self.bucket_of(value);
         self.buckets[bucket].add(id, value);
+    }
+
+    /// Sets (or clears) the values of many users, each id at most once, taking each bucket,
+    /// chunk and the present set for writing once per call.
+    pub fn set_many(&mut self, rows: &[(DenseId, Option<T>)]) {
+        let mut removed: Vec<Vec<DenseId>> = vec![Vec::new(); self.buckets.len()];
+        let mut added: Vec<Vec<(DenseId, T)>> = vec![Vec::new(); self.buckets.len()];
+        let (mut gained, mut lost) = (Vec::new(), Vec::new());
+        let mut writes = Vec::with_capacity(rows.len());
+        for &(id, value) in rows {
+            let old = self.get(id);
+            if let Some(old) = old {
+                removed[self.bucket_of(old)].push(id);
+            }
+            match (old.is_some(), value) {
+                (false, Some(_)) => gained.push(id),
+                (true, None) => lost.push(id),
+                _ => {}
+            }
+            if let Some(value) = value {
+                added[self.bucket_of(value)].push((id, value));
+                writes.push((id, value));
+            }
+        }
+        self.values.set_many(writes);
+        super::attribute::update_set(&mut self.present, &gained, &lost);
+        for (bucket, ids) in self.buckets.iter_mut().zip(removed) {
+            if !ids.is_empty() {
+                let members = Arc::make_mut(&mut bucket.members);
+                ids.iter().for_each(|&id| {
+                    members.remove(id);
+                });
+            }
+        }
+        for (bucket, items) in self.buckets.iter_mut().zip(added) {
+            if !items.is_empty() {
+                bucket.add_many(&items);
+            }
+        }
     }
 
     /// Makes one user's value null.

@@ -447,6 +447,17 @@ proptest! {
             prop_assert_eq!(&materialized, &model.select(expr, AS_OF), "segment {} = {}", id, expr);
             prop_assert_eq!(&materialized, &engine_select(&state, expr));
         }
+        // The per-user lookup mirrors the materialized members, for every user ever written.
+        let expected_by_segment: BTreeMap<&String, BTreeSet<String>> =
+            model.segments.iter().map(|(id, e)| (id, model.select(e, AS_OF))).collect();
+        for user in (0..40).map(|i| format!("u{i}")) {
+            let expected: Vec<&str> = expected_by_segment
+                .iter()
+                .filter(|(_, members)| members.contains(&user))
+                .map(|(id, _)| id.as_str())
+                .collect();
+            prop_assert_eq!(state.segments_for_user(&user), expected, "segments of {}", user);
+        }
         for expr in &s.queries {
             let expected = model.select(expr, AS_OF);
             prop_assert_eq!(&engine_select(&state, expr), &expected, "query {}", expr);
