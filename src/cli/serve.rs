@@ -127,6 +127,7 @@ async fn load_demo(engine: &Engine, users: u64) {
     let started = std::time::Instant::now();
     let result = async {
         let mut import = engine.begin_import(DEFAULT_DATASET).await?;
+        import.reserve(users);
         let mut loaded = 0u64;
         let step = (users / 10).max(1);
         for batch in crate::demo::batches(users, BATCH_ROWS, 42) {

@@ -427,6 +427,16 @@ impl Import {
         Ok(outcome)
     }
 
+    /// Makes room for an import of `rows` users of which most may be new (a Parquet file says
+    /// its row count up front), so the key tables never rehash mid-import. Rows beyond the
+    /// dataset's current size are reserved, so re-importing a dataset reserves nothing.
+    pub fn reserve(&mut self, rows: u64) {
+        if let Some(state) = self.state.as_mut() {
+            let rows = usize::try_from(rows).unwrap_or(usize::MAX);
+            state.keys.reserve(rows.saturating_sub(state.keys.len()));
+        }
+    }
+
     /// Users created and updated so far.
     pub fn outcome(&self) -> ChangeOutcome {
         self.outcome

@@ -58,10 +58,11 @@ impl ImportRun {
         rows_total: u64,
         progress: ProgressSender,
     ) -> Result<Self, Status> {
-        let import = engine
+        let mut import = engine
             .begin_import(dataset)
             .await
             .map_err(|e| to_status(e, "dataset"))?;
+        import.reserve(rows_total);
         let id_column = if id_column.is_empty() {
             DEFAULT_ID_COLUMN
         } else {

@@ -132,7 +132,7 @@ impl Categorical {
             }
             writes.push((id, new));
         }
-        self.codes.0.set_many(writes);
+        self.codes.0.set_many(&writes);
         if let Some(&max) = added.keys().max() {
             if self.bitmaps.len() <= max as usize {
                 self.bitmaps

@@ -55,19 +55,21 @@ impl<T: Copy> ChunkedVec<T> {
 
     /// Sets many values, taking each chunk for writing once per run of ids in it (a bulk load
     /// would otherwise pay an atomic uniqueness check per value).
-    pub fn set_many(&mut self, items: impl IntoIterator<Item = (u32, T)>) {
-        let mut items = items.into_iter().peekable();
-        while let Some((id, value)) = items.next() {
-            let index = id as usize;
-            if index >= self.len {
-                self.grow_to(index + 1);
+    pub fn set_many(&mut self, items: &[(u32, T)]) {
+        if let Some(max) = items.iter().map(|(id, _)| *id as usize).max() {
+            if max >= self.len {
+                self.grow_to(max + 1);
             }
+        }
+        let mut items = items.iter().peekable();
+        while let Some(&(id, value)) = items.next() {
+            let index = id as usize;
             let chunk_index = index >> CHUNK_BITS;
             let chunk = Arc::make_mut(&mut self.chunks[chunk_index]);
             chunk[index & (CHUNK_LEN - 1)] = value;
-            while let Some(&(next, value)) = items.peek() {
+            while let Some(&&(next, value)) = items.peek() {
                 let next = next as usize;
-                if next >> CHUNK_BITS != chunk_index || next & (CHUNK_LEN - 1) >= chunk.len() {
+                if next >> CHUNK_BITS != chunk_index {
                     break;
                 }
                 chunk[next & (CHUNK_LEN - 1)] = value;
@@ -126,7 +128,7 @@ mod tests {
         assert_eq!(column.get(70_000), u32::MAX);
         assert_eq!(column.get(200_000), 9);
         assert_eq!(column.len(), 200_001);
-        column.set_many([
+        column.set_many(&[
             (1, 1),
             (2, 2),
             (70_000, 3),

@@ -154,6 +154,17 @@ impl KeyDictionary {
         Some(id)
     }
 
+    /// Makes room for `additional` new keys, so a bulk load of known size never rehashes.
+    pub fn reserve(&mut self, additional: usize) {
+        let per_shard = additional / self.shards.len() + additional / self.shards.len() / 8 + 1;
+        let (chunks, hasher) = (&self.chunks, &self.hasher);
+        for shard in &mut self.shards {
+            Arc::make_mut(shard).reserve(per_shard, |&other| {
+                hasher.hash_one(chunk_bytes(chunks, other).unwrap_or_default())
+            });
+        }
+    }
+
     /// Ids assigned so far; every dense id is below this.
     pub fn id_bound(&self) -> u64 {
         self.assigned

@@ -208,7 +208,7 @@ impl<T: NumericValue> NumericColumn<T> {
                 writes.push((id, value));
             }
         }
-        self.values.set_many(writes);
+        self.values.set_many(&writes);
         super::attribute::update_set(&mut self.present, &gained, &lost);
         for (bucket, ids) in self.buckets.iter_mut().zip(removed) {
             if !ids.is_empty() {
