@@ -54,13 +54,75 @@ pub struct Categorical {
     present: Arc<Bitmap>,
 }
 
-/// A `ChunkedVec<ValueCode>` whose default reads as null.
+/// Each user's value code, two bytes wide until an attribute has 65,535 distinct values, then
+/// four: most categorical attributes (country, device, city) never need the wider form.
 #[derive(Debug, Clone)]
-struct CodeColumn(ChunkedVec<ValueCode>);
+enum CodeColumn {
+    Narrow(ChunkedVec<u16>),
+    Wide(ChunkedVec<u32>),
+}
+
+/// The narrow column's marker for "no value".
+const NARROW_NULL: u16 = u16::MAX;
 
 impl Default for CodeColumn {
     fn default() -> Self {
-        Self(ChunkedVec::new(NULL_CODE))
+        CodeColumn::Narrow(ChunkedVec::new(NARROW_NULL))
+    }
+}
+
+impl CodeColumn {
+    fn get(&self, id: DenseId) -> ValueCode {
+        match self {
+            CodeColumn::Narrow(c) => match c.get(id) {
+                NARROW_NULL => NULL_CODE,
+                code => ValueCode::from(code),
+            },
+            CodeColumn::Wide(c) => c.get(id),
+        }
+    }
+
+    fn set(&mut self, id: DenseId, code: ValueCode) {
+        self.set_many(&[(id, code)]);
+    }
+
+    fn set_many(&mut self, writes: &[(DenseId, ValueCode)]) {
+        let fits = |code: ValueCode| code == NULL_CODE || code < ValueCode::from(NARROW_NULL);
+        if matches!(self, CodeColumn::Narrow(_)) && !writes.iter().all(|&(_, c)| fits(c)) {
+            self.widen();
+        }
+        match self {
+            CodeColumn::Narrow(c) => {
+                let narrow: Vec<(DenseId, u16)> = writes
+                    .iter()
+                    .map(|&(id, code)| (id, u16::try_from(code).unwrap_or(NARROW_NULL)))
+                    .collect();
+                c.set_many(&narrow);
+            }
+            CodeColumn::Wide(c) => c.set_many(writes),
+        }
+    }
+
+    /// Switches to four-byte codes, copying every code once.
+    fn widen(&mut self) {
+        if let CodeColumn::Narrow(narrow) = self {
+            let mut wide = ChunkedVec::new(NULL_CODE);
+            let codes: Vec<(DenseId, ValueCode)> = (0..narrow.len() as DenseId)
+                .map(|id| match narrow.get(id) {
+                    NARROW_NULL => (id, NULL_CODE),
+                    code => (id, ValueCode::from(code)),
+                })
+                .collect();
+            wide.set_many(&codes);
+            *self = CodeColumn::Wide(wide);
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            CodeColumn::Narrow(c) => c.heap_bytes(),
+            CodeColumn::Wide(c) => c.heap_bytes(),
+        }
     }
 }
 
@@ -77,7 +139,7 @@ impl Categorical {
 
     /// The value of one user.
     pub fn value(&self, id: DenseId) -> Option<&str> {
-        match self.codes.0.get(id) {
+        match self.codes.get(id) {
             NULL_CODE => None,
             code => self.dictionary.value(code),
         }
@@ -92,7 +154,7 @@ impl Categorical {
     /// Sets one user's value by a code from [`ValueDictionary::intern`] (bulk loads intern each
     /// distinct value once).
     pub fn set_code(&mut self, id: DenseId, code: ValueCode) {
-        let old = self.codes.0.get(id);
+        let old = self.codes.get(id);
         if old == code {
             return;
         }
@@ -102,7 +164,7 @@ impl Categorical {
                 .resize_with(code as usize + 1, || Arc::new(Bitmap::new()));
         }
         add(Arc::make_mut(&mut self.bitmaps[code as usize]), id);
-        self.codes.0.set(id, code);
+        self.codes.set(id, code);
         add(Arc::make_mut(&mut self.present), id);
     }
 
@@ -114,7 +176,7 @@ impl Categorical {
         let (mut gained, mut lost) = (Vec::new(), Vec::new());
         let mut writes = Vec::with_capacity(rows.len());
         for &(id, code) in rows {
-            let old = self.codes.0.get(id);
+            let old = self.codes.get(id);
             let new = code.unwrap_or(NULL_CODE);
             if old == new {
                 continue;
@@ -132,7 +194,7 @@ impl Categorical {
             }
             writes.push((id, new));
         }
-        self.codes.0.set_many(&writes);
+        self.codes.set_many(&writes);
         if let Some(&max) = added.keys().max() {
             if self.bitmaps.len() <= max as usize {
                 self.bitmaps
@@ -145,14 +207,14 @@ impl Categorical {
 
     /// Makes one user's value null.
     pub fn clear(&mut self, id: DenseId) {
-        let old = self.codes.0.get(id);
+        let old = self.codes.get(id);
         if old == NULL_CODE {
             return;
         }
         if let Some(bitmap) = self.bitmaps.get_mut(old as usize) {
             Arc::make_mut(bitmap).remove(id);
         }
-        self.codes.0.set(id, NULL_CODE);
+        self.codes.set(id, NULL_CODE);
         Arc::make_mut(&mut self.present).remove(id);
     }
 
@@ -165,7 +227,7 @@ impl Categorical {
     }
 
     fn heap_bytes(&self) -> usize {
-        bitmaps_bytes(&self.bitmaps) + self.codes.0.heap_bytes() + self.present.serialized_size()
+        bitmaps_bytes(&self.bitmaps) + self.codes.heap_bytes() + self.present.serialized_size()
     }
 }
 
@@ -525,4 +587,33 @@ pub(crate) fn update_set(set: &mut Arc<Bitmap>, gained: &[DenseId], lost: &[Dens
 
 fn bitmaps_bytes(bitmaps: &[Arc<Bitmap>]) -> usize {
     bitmaps.iter().map(|b| b.serialized_size()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_widen_past_65535_values_and_keep_every_value() {
+        let mut attribute = Categorical::default();
+        attribute.set(3, "first");
+        attribute.clear(4);
+        let rows: Vec<(DenseId, Option<ValueCode>)> = (10..70_010u32)
+            .map(|id| (id, Some(attribute.dictionary.intern(&format!("v{id}")))))
+            .collect();
+        attribute.set_codes(&rows);
+        assert!(matches!(attribute.codes, CodeColumn::Wide(_)));
+        assert_eq!(attribute.value(3), Some("first"));
+        assert_eq!(attribute.value(4), None);
+        assert_eq!(attribute.value(69_999), Some("v69999"));
+        assert_eq!(attribute.value(70_009), Some("v70009"));
+        attribute.clear(70_009);
+        assert_eq!(attribute.value(70_009), None);
+        assert_eq!(attribute.present().len(), 70_000);
+        let code = attribute.dictionary.code("v500").unwrap();
+        assert_eq!(
+            attribute.bitmap(code).unwrap().iter().collect::<Vec<_>>(),
+            vec![500]
+        );
+    }
 }
