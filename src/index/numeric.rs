@@ -20,6 +20,9 @@ const EXACT_BUCKETS: usize = 256;
 const DEPTH_BUCKETS: usize = 128;
 /// Values sampled to choose bucket bounds.
 const BOUND_SAMPLE: usize = 1 << 16;
+/// Columns with at most this many buckets also keep cumulative bitmaps (one bit per user per
+/// bucket: ≤ 12.5 bytes per user), so a range over many whole buckets costs two set operations.
+const CUMULATIVE_MAX_BUCKETS: usize = 100;
 /// A bucket smaller than this is never worth a rebuild.
 const MIN_REBUILD_BUCKET: u64 = 1024;
 
@@ -124,21 +127,6 @@ impl<T: NumericValue> Bucket<T> {
             add(members, id);
         }
     }
-
-    fn add(&mut self, id: DenseId, value: T) {
-        if self.members.is_empty() {
-            self.min = value;
-            self.max = value;
-        } else {
-            if value.order(&self.min).is_lt() {
-                self.min = value;
-            }
-            if value.order(&self.max).is_gt() {
-                self.max = value;
-            }
-        }
-        add(Arc::make_mut(&mut self.members), id);
-    }
 }
 
 /// A nullable numeric column and its range index.
@@ -152,6 +140,8 @@ pub struct NumericColumn<T: NumericValue> {
     buckets: Vec<Bucket<T>>,
     /// Users with a value at the last rebuild.
     rebuilt_at: u64,
+    /// `cumulative[i]`: the members of buckets `0..=i`; kept while there are few buckets.
+    cumulative: Option<Vec<Arc<Bitmap>>>,
 }
 
 impl<T: NumericValue> Default for NumericColumn<T> {
@@ -161,6 +151,7 @@ impl<T: NumericValue> Default for NumericColumn<T> {
             present: Arc::new(Bitmap::new()),
             buckets: vec![Bucket::empty(T::LOWEST)],
             rebuilt_at: 0,
+            cumulative: None,
         }
     }
 }
@@ -179,34 +170,40 @@ impl<T: NumericValue> NumericColumn<T> {
 
     /// Sets one user's value, replacing any previous one.
     pub fn set(&mut self, id: DenseId, value: T) {
-        self.clear(id);
-        self.values.set(id, value);
-        add(Arc::make_mut(&mut self.present), id);
-        let bucket = self.bucket_of(value);
-        self.buckets[bucket].add(id, value);
+        self.set_many(&[(id, Some(value))]);
+    }
+
+    /// Makes one user's value null.
+    pub fn clear(&mut self, id: DenseId) {
+        self.set_many(&[(id, None)]);
     }
 
     /// Sets (or clears) the values of many users, each id at most once, taking each bucket,
     /// chunk and the present set for writing once per call.
     pub fn set_many(&mut self, rows: &[(DenseId, Option<T>)]) {
-        let mut removed: Vec<Vec<DenseId>> = vec![Vec::new(); self.buckets.len()];
-        let mut added: Vec<Vec<(DenseId, T)>> = vec![Vec::new(); self.buckets.len()];
+        let buckets = self.buckets.len();
+        let mut removed: Vec<Vec<DenseId>> = vec![Vec::new(); buckets];
+        let mut added: Vec<Vec<(DenseId, T)>> = vec![Vec::new(); buckets];
+        let mut moves = Vec::with_capacity(rows.len());
         let (mut gained, mut lost) = (Vec::new(), Vec::new());
         let mut writes = Vec::with_capacity(rows.len());
         for &(id, value) in rows {
-            let old = self.get(id);
+            let old = self.get(id).map(|old| self.bucket_of(old));
+            let new = value.map(|value| self.bucket_of(value));
             if let Some(old) = old {
-                removed[self.bucket_of(old)].push(id);
+                removed[old].push(id);
             }
             match (old.is_some(), value) {
                 (false, Some(_)) => gained.push(id),
                 (true, None) => lost.push(id),
                 _ => {}
             }
-            if let Some(value) = value {
-                added[self.bucket_of(value)].push((id, value));
+            if let (Some(value), Some(new)) = (value, new) {
+                added[new].push((id, value));
                 writes.push((id, value));
             }
+            // No bucket sorts after every bucket, so it is "in none of the cumulative sets".
+            moves.push((id, old.unwrap_or(buckets), new.unwrap_or(buckets)));
         }
         self.values.set_many(&writes);
         super::attribute::update_set(&mut self.present, &gained, &lost);
@@ -223,14 +220,44 @@ impl<T: NumericValue> NumericColumn<T> {
                 bucket.add_many(&items);
             }
         }
+        self.move_cumulative(&moves);
     }
 
-    /// Makes one user's value null.
-    pub fn clear(&mut self, id: DenseId) {
-        if let Some(old) = self.get(id) {
-            let bucket = self.bucket_of(old);
-            Arc::make_mut(&mut self.buckets[bucket].members).remove(id);
-            Arc::make_mut(&mut self.present).remove(id);
+    /// Moves users between cumulative sets: a user going from bucket `a` to `b < a` joins
+    /// sets `b..a`; from `a` to `b > a` leaves sets `a..b`. Each set is taken once.
+    fn move_cumulative(&mut self, moves: &[(DenseId, usize, usize)]) {
+        let Some(cumulative) = self.cumulative.as_mut() else {
+            return;
+        };
+        let n = cumulative.len();
+        let mut join_from: Vec<Vec<DenseId>> = vec![Vec::new(); n + 1];
+        let mut join_until: Vec<Vec<DenseId>> = vec![Vec::new(); n + 1];
+        let mut leave_from: Vec<Vec<DenseId>> = vec![Vec::new(); n + 1];
+        let mut leave_until: Vec<Vec<DenseId>> = vec![Vec::new(); n + 1];
+        for &(id, old, new) in moves {
+            if new < old {
+                join_from[new].push(id);
+                join_until[old].push(id);
+            } else if old < new {
+                leave_from[old].push(id);
+                leave_until[new].push(id);
+            }
+        }
+        let (mut joining, mut leaving) = (Bitmap::new(), Bitmap::new());
+        for (i, set) in cumulative.iter_mut().enumerate() {
+            join_until[i].iter().for_each(|&id| {
+                joining.remove(id);
+            });
+            leave_until[i].iter().for_each(|&id| {
+                leaving.remove(id);
+            });
+            joining.extend(join_from[i].iter().copied());
+            leaving.extend(leave_from[i].iter().copied());
+            if !joining.is_empty() || !leaving.is_empty() {
+                let set = Arc::make_mut(set);
+                *set |= &joining;
+                *set -= &leaving;
+            }
         }
     }
 
@@ -245,7 +272,13 @@ impl<T: NumericValue> NumericColumn<T> {
             }
         }
         let (inside, edges) = self.classify(range);
-        let mut selected = union_all(inside.iter().map(|b| &**b));
+        let mut selected = match self.cumulative_span(&inside) {
+            Some((upto, below)) => match below {
+                Some(below) => &*upto - &*below,
+                None => (*upto).clone(),
+            },
+            None => union_all(inside.iter().map(|(_, b)| &**b)),
+        };
         for edge in &edges {
             selected |= self.filter(edge.iter(), range);
         }
@@ -267,9 +300,13 @@ impl<T: NumericValue> NumericColumn<T> {
             }
         }
         let (inside, edges) = self.classify(range);
-        let whole: u64 = match within {
-            Some(universe) => inside.iter().map(|b| b.intersection_len(universe)).sum(),
-            None => inside.iter().map(|b| b.len()).sum(),
+        let count_in = |set: &Bitmap| match within {
+            Some(universe) => set.intersection_len(universe),
+            None => set.len(),
+        };
+        let whole: u64 = match self.cumulative_span(&inside) {
+            Some((upto, below)) => count_in(&upto) - below.map_or(0, |b| count_in(&b)),
+            None => inside.iter().map(|(_, b)| count_in(b)).sum(),
         };
         let edge: u64 = edges
             .iter()
@@ -284,7 +321,12 @@ impl<T: NumericValue> NumericColumn<T> {
     /// An upper bound of the users a range selects, for ordering operands.
     pub fn estimate(&self, range: &ValueRange<T>) -> u64 {
         let (inside, edges) = self.classify(range);
-        inside.iter().chain(&edges).map(|b| b.len()).sum()
+        inside
+            .iter()
+            .map(|(_, b)| b)
+            .chain(&edges)
+            .map(|b| b.len())
+            .sum()
     }
 
     /// Number of distinct values among the users that have one (reads the column).
@@ -326,7 +368,13 @@ impl<T: NumericValue> NumericColumn<T> {
             .iter()
             .map(|b| b.members.serialized_size())
             .sum();
-        self.values.heap_bytes() + self.present.serialized_size() + bitmaps
+        let cumulative: usize = self
+            .cumulative
+            .iter()
+            .flatten()
+            .map(|b| b.serialized_size())
+            .sum();
+        self.values.heap_bytes() + self.present.serialized_size() + bitmaps + cumulative
     }
 
     fn prefers_scan(&self, range: &ValueRange<T>, universe: &Bitmap) -> bool {
@@ -334,17 +382,39 @@ impl<T: NumericValue> NumericColumn<T> {
         universe.len().saturating_mul(8) < self.estimate(range)
     }
 
-    fn classify(&self, range: &ValueRange<T>) -> (Vec<Arc<Bitmap>>, Vec<Arc<Bitmap>>) {
+    /// The buckets wholly inside a range (with their positions, which are contiguous but for
+    /// empty buckets) and those straddling an end.
+    #[allow(clippy::type_complexity)]
+    fn classify(&self, range: &ValueRange<T>) -> (Vec<(usize, Arc<Bitmap>)>, Vec<Arc<Bitmap>>) {
         let mut inside = Vec::new();
         let mut edges = Vec::new();
-        for bucket in &self.buckets {
+        for (index, bucket) in self.buckets.iter().enumerate() {
             match bucket.overlap(range) {
                 Overlap::Outside => {}
-                Overlap::Inside => inside.push(bucket.members.clone()),
+                Overlap::Inside => inside.push((index, bucket.members.clone())),
                 Overlap::Edge => edges.push(bucket.members.clone()),
             }
         }
         (inside, edges)
+    }
+
+    /// For three or more whole buckets `i..=j`, the cumulative sets up to `j` and below `i`:
+    /// their difference is the union of the buckets, in one operation instead of many.
+    fn cumulative_span(
+        &self,
+        inside: &[(usize, Arc<Bitmap>)],
+    ) -> Option<(Arc<Bitmap>, Option<Arc<Bitmap>>)> {
+        let cumulative = self.cumulative.as_ref()?;
+        if inside.len() < 3 {
+            return None;
+        }
+        let (first, last) = (inside.first()?.0, inside.last()?.0);
+        let upto = cumulative.get(last)?.clone();
+        let below = match first {
+            0 => None,
+            _ => Some(cumulative.get(first - 1)?.clone()),
+        };
+        Some((upto, below))
     }
 
     /// The ids (all with a value) whose value lies in `range`.
@@ -390,6 +460,16 @@ impl<T: NumericValue> NumericColumn<T> {
             bucket.members = Arc::new(set);
         }
         self.buckets = buckets;
+        self.cumulative = (self.buckets.len() <= CUMULATIVE_MAX_BUCKETS).then(|| {
+            let mut running = Bitmap::new();
+            self.buckets
+                .iter()
+                .map(|bucket| {
+                    running |= &*bucket.members;
+                    Arc::new(running.clone())
+                })
+                .collect()
+        });
     }
 
     fn sample_bounds(&self) -> Vec<T> {
@@ -469,6 +549,60 @@ mod tests {
             }
             column.rebalance();
             assert!(column.buckets.len() > 100);
+        }
+    }
+
+    #[test]
+    fn cumulative_sets_follow_moves_and_answer_ranges() {
+        let mut column = NumericColumn::<i64>::default();
+        let mut values: Vec<Option<i64>> = (0..20_000i64).map(|i| Some((i * 7) % 60)).collect();
+        let rows: Vec<(u32, Option<i64>)> = values
+            .iter()
+            .enumerate()
+            .map(|(id, v)| (id as u32, *v))
+            .collect();
+        column.set_many(&rows);
+        column.rebalance();
+        assert!(column.cumulative.is_some());
+        let mut rng = crate::rng::SplitMix64::new(5);
+        for round in 0..3 {
+            let moves: Vec<(u32, Option<i64>)> = (0..500)
+                .map(|_| {
+                    let id = rng.below(20_000) as u32;
+                    let value = (rng.below(10) > 0).then(|| rng.below(64) as i64 - 2);
+                    (id, value)
+                })
+                .collect();
+            let mut seen = std::collections::BTreeMap::new();
+            for (id, value) in &moves {
+                seen.insert(*id, *value);
+            }
+            let unique: Vec<(u32, Option<i64>)> = seen.into_iter().collect();
+            if round == 1 {
+                for &(id, value) in &unique {
+                    match value {
+                        Some(v) => column.set(id, v),
+                        None => column.clear(id),
+                    }
+                }
+            } else {
+                column.set_many(&unique);
+            }
+            for &(id, value) in &unique {
+                values[id as usize] = value;
+            }
+            let within = Bitmap::from_iter((0..20_000).step_by(5));
+            for low in -3..63 {
+                for high in [low, low + 2, low + 10, low + 40, 70] {
+                    let range = ValueRange { low, high };
+                    let expected = reference(&values, &range);
+                    let got: Vec<u32> = column.select(&range, None).iter().collect();
+                    assert_eq!(got, expected, "{range:?}");
+                    assert_eq!(column.count(&range, None), expected.len() as u64);
+                    let restricted = expected.iter().filter(|id| *id % 5 == 0).count() as u64;
+                    assert_eq!(column.count(&range, Some(&within)), restricted);
+                }
+            }
         }
     }
 
