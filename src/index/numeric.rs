@@ -34,6 +34,9 @@ pub trait NumericValue:
     const LOWEST: Self;
     /// A total order (floats: IEEE total order; NaN never enters a column).
     fn order(&self, other: &Self) -> Ordering;
+
+    /// `low <= self <= high`, the hot comparison of range scans.
+    fn within(self, low: Self, high: Self) -> bool;
 }
 
 impl NumericValue for i64 {
@@ -41,12 +44,22 @@ impl NumericValue for i64 {
     fn order(&self, other: &Self) -> Ordering {
         self.cmp(other)
     }
+    #[inline]
+    fn within(self, low: Self, high: Self) -> bool {
+        low <= self && self <= high
+    }
 }
 
 impl NumericValue for f64 {
     const LOWEST: Self = f64::NEG_INFINITY;
     fn order(&self, other: &Self) -> Ordering {
         self.total_cmp(other)
+    }
+    /// Plain IEEE comparisons agree with the total order here: columns hold no NaN and no
+    /// -0.0, and range bounds are normalized the same way.
+    #[inline]
+    fn within(self, low: Self, high: Self) -> bool {
+        low <= self && self <= high
     }
 }
 
@@ -61,7 +74,7 @@ impl<T: NumericValue> ValueRange<T> {
     /// True when `value` lies in the range.
     #[inline]
     pub fn contains(&self, value: T) -> bool {
-        value.order(&self.low).is_ge() && value.order(&self.high).is_le()
+        value.within(self.low, self.high)
     }
 
     /// True when no value can lie in the range.
@@ -377,9 +390,21 @@ impl<T: NumericValue> NumericColumn<T> {
         self.values.heap_bytes() + self.present.serialized_size() + bitmaps + cumulative
     }
 
+    /// Reading the column for the users in scope beats touching many bucket bitmaps when the
+    /// scope is small next to what the range selects, unless cumulative sets answer the whole
+    /// buckets in two operations anyway.
     fn prefers_scan(&self, range: &ValueRange<T>, universe: &Bitmap) -> bool {
-        // Reading the column for a few users beats touching many bucket bitmaps.
-        universe.len().saturating_mul(8) < self.estimate(range)
+        let (inside, edges) = self.classify(range);
+        if self.cumulative_span(&inside).is_some() {
+            return false;
+        }
+        let selected: u64 = inside
+            .iter()
+            .map(|(_, b)| b)
+            .chain(&edges)
+            .map(|b| b.len())
+            .sum();
+        universe.len().saturating_mul(2) < selected
     }
 
     /// The buckets wholly inside a range (with their positions, which are contiguous but for
