@@ -161,8 +161,13 @@ fn page_from(
     (state.external_ids(ids), last)
 }
 
+/// The listing's own mask for the position in a token: internal ids never leave the service.
+fn mask(id: u64) -> u32 {
+    (crate::rng::SplitMix64::new(id).next_u64() >> 32) as u32
+}
+
 fn encode(id: u64, last: DenseId) -> String {
-    format!("{id:016x}{last:08x}")
+    format!("{id:016x}{:08x}", last ^ mask(id))
 }
 
 fn decode(token: &str) -> Option<(u64, DenseId)> {
@@ -171,5 +176,5 @@ fn decode(token: &str) -> Option<(u64, DenseId)> {
     }
     let id = u64::from_str_radix(&token[..16], 16).ok()?;
     let last = u32::from_str_radix(&token[16..], 16).ok()?;
-    Some((id, last))
+    Some((id, last ^ mask(id)))
 }

@@ -138,8 +138,13 @@ fn plan_columns(
         })?;
         super::state::validate_attribute_name(name)?;
         if let Some(existing) = state.attributes.get(name) {
+            // Integers widen into floats, and are epoch milliseconds in a timestamp.
             let compatible = existing.kind() == kind
-                || (existing.kind() == AttributeKind::Float && kind == AttributeKind::Integer);
+                || (kind == AttributeKind::Integer
+                    && matches!(
+                        existing.kind(),
+                        AttributeKind::Float | AttributeKind::Timestamp
+                    ));
             if !compatible {
                 return Err(EngineError::KindConflict {
                     attribute: name.clone(),
@@ -269,7 +274,9 @@ fn load_column(
         }
         Attribute::Timestamp(a) => {
             let values = match array.data_type() {
-                DataType::Int64 | DataType::Int32 => strict_cast(name, array, &DataType::Int64)?,
+                data_type if kind_of(data_type) == Some(AttributeKind::Integer) => {
+                    strict_cast(name, array, &DataType::Int64)?
+                }
                 _ => strict_cast(
                     name,
                     array,

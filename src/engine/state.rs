@@ -229,7 +229,8 @@ impl DatasetState {
     fn delete_users(&mut self, user_ids: &[String]) -> (ChangeOutcome, Bitmap) {
         let mut outcome = ChangeOutcome::default();
         let mut touched = Bitmap::new();
-        for user_id in user_ids {
+        let unique: std::collections::BTreeSet<&String> = user_ids.iter().collect();
+        for user_id in unique {
             match self.keys.remove(user_id) {
                 Some(id) if touched.insert(id) => {
                     for attribute in self.attributes.values_mut() {

@@ -157,7 +157,22 @@ async fn import_stream(
     decoder
         .finish()
         .map_err(|e| to_status(EngineError::Arrow(e), "arrow_ipc_chunk"))?;
+    if !saw_end_of_stream(&mut decoder) {
+        return Err(invalid(
+            "arrow_ipc_chunk",
+            "the Arrow IPC stream ended without its end-of-stream marker (a sender that failed \
+             mid-file?); nothing was applied",
+        ));
+    }
     run.finish().await
+}
+
+/// Whether the decoder has read the IPC end-of-stream marker, which a writer emits only when
+/// it finished: a stream cut at a message boundary otherwise looks complete. A decoder past
+/// the marker refuses any further byte; one at a message boundary takes it as a header byte.
+fn saw_end_of_stream(decoder: &mut arrow_ipc::reader::StreamDecoder) -> bool {
+    let mut probe = arrow_buffer::Buffer::from(vec![0xFF_u8]);
+    decoder.decode(&mut probe).is_err()
 }
 
 /// Imports a file the server reads itself.

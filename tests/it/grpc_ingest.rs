@@ -1468,3 +1468,27 @@ async fn list_datasets_names_every_dataset_written() {
     assert_eq!(got, vec!["brand-b", "brand.a", "default"]);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_ipc_stream_cut_at_a_message_boundary_is_refused_and_applies_nothing() {
+    let server = TestServer::start().await;
+    let table = rows(0..1_400, 0);
+    let batches: Vec<RecordBatch> = table.chunks(700).map(batch_of).collect();
+    let schema = batches[0].schema();
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(Vec::new(), &schema).unwrap();
+    writer.write(&batches[0]).unwrap();
+    writer.write(&batches[1]).unwrap();
+    // A sender that failed mid-file: two whole batches, but no end-of-stream marker.
+    let truncated = writer.get_ref().clone();
+    let outcome = import_chunks(&server, "cut", "", cut(&truncated, &[4097])).await;
+    let error = outcome.error.expect("a truncated stream is refused");
+    assert_status(&error, tonic::Code::InvalidArgument, &["end-of-stream"]);
+    let datasets = server
+        .schema()
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .datasets;
+    assert!(!datasets.contains(&"cut".to_owned()), "{datasets:?}");
+}
