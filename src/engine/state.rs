@@ -46,6 +46,9 @@ pub struct DatasetState {
     pub version: u64,
 }
 
+/// The longest chain of SEGMENT references (a segment naming one naming one ...).
+const MAX_REFERENCE_DEPTH: usize = 32;
+
 /// The longest attribute name accepted.
 const MAX_ATTRIBUTE_NAME: usize = 128;
 
@@ -370,7 +373,53 @@ impl DatasetState {
                 return Err(EngineError::SegmentCycle(path));
             }
         }
+        // Chains of references are walked recursively (ordering, dependents): bound them, with
+        // the new definition in place, so no chain can exhaust a thread's stack.
+        let mut memo = BTreeMap::new();
+        let deepest = self
+            .segments
+            .keys()
+            .map(String::as_str)
+            .chain([definition.id.as_str()])
+            .map(|id| self.reference_depth(id, definition, &mut memo))
+            .max()
+            .unwrap_or(0);
+        if deepest > MAX_REFERENCE_DEPTH {
+            return Err(EngineError::LimitExceeded {
+                what: "the depth of SEGMENT references",
+                actual: deepest as u64,
+                limit: MAX_REFERENCE_DEPTH as u64,
+            });
+        }
         Ok(())
+    }
+
+    /// How many SEGMENT references deep `id` goes, reading `replacing` for its own id. Cycles
+    /// are refused before this runs, and every stored chain is within the limit, so the
+    /// recursion is at most about twice the limit deep.
+    fn reference_depth<'a>(
+        &'a self,
+        id: &'a str,
+        replacing: &'a SegmentDefinition,
+        memo: &mut BTreeMap<&'a str, usize>,
+    ) -> usize {
+        if let Some(&depth) = memo.get(id) {
+            return depth;
+        }
+        let expression = if id == replacing.id {
+            Some(&replacing.expression)
+        } else {
+            self.segments.get(id).map(|s| &s.definition.expression)
+        };
+        let depth = expression.map_or(0, |e| {
+            e.segment_refs()
+                .into_iter()
+                .map(|r| 1 + self.reference_depth(r, replacing, memo))
+                .max()
+                .unwrap_or(0)
+        });
+        memo.insert(id, depth);
+        depth
     }
 
     /// A reference path from `from` to `target` through saved segments, if one exists.

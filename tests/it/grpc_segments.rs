@@ -655,3 +655,57 @@ async fn segments_relative_to_now_follow_the_clock() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn chains_of_segment_references_are_bounded() {
+    let (server, _) = server_with_people(20).await;
+    create(&server, "s0", text_expr(r#"country = "US""#), &[])
+        .await
+        .unwrap();
+    for depth in 1..=32 {
+        let expr = format!(r#"SEGMENT "s{}""#, depth - 1);
+        create(&server, &format!("s{depth}"), text_expr(&expr), &[])
+            .await
+            .unwrap();
+    }
+    let error = create(&server, "s33", text_expr(r#"SEGMENT "s32""#), &[])
+        .await
+        .unwrap_err();
+    assert_status(
+        &error,
+        Code::ResourceExhausted,
+        &["depth of SEGMENT references", "33", "32"],
+    );
+    assert_eq!(
+        get(&server, "s33").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Deepening the chain from its root is refused too.
+    let error = server
+        .segments()
+        .update_segment(pb::UpdateSegmentRequest {
+            segment_id: "s0".into(),
+            expression: Some(text_expr(r#"SEGMENT "extra""#)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    create(&server, "extra", text_expr("age > 1"), &[])
+        .await
+        .unwrap();
+    let error = server
+        .segments()
+        .update_segment(pb::UpdateSegmentRequest {
+            segment_id: "s0".into(),
+            expression: Some(text_expr(r#"SEGMENT "extra""#)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(
+        &error,
+        Code::ResourceExhausted,
+        &["depth of SEGMENT references"],
+    );
+}
