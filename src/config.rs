@@ -32,6 +32,9 @@ pub struct Config {
     /// Users of generated demo data to load at start (0: none).
     pub demo_users: u64,
     pub log_format: LogFormat,
+    /// The only directory `ImportUsersFile` may read from; unset, any file the server can read
+    /// (set it wherever callers are not trusted with the server's file system).
+    pub import_dir: Option<PathBuf>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// Request-size limits of the engine.
@@ -46,6 +49,7 @@ impl Default for Config {
             redis_url: None,
             demo_users: 0,
             log_format: LogFormat::Text,
+            import_dir: None,
             max_message_bytes: 64 * 1024 * 1024,
             limits: Limits::default(),
         }

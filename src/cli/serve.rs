@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Load N generated demo users into the `default` dataset at start.
     #[arg(long, env = "AUDIENCE_DEMO_USERS")]
     demo_users: Option<u64>,
+    /// The only directory server-side imports may read from.
+    #[arg(long, env = "AUDIENCE_IMPORT_DIR")]
+    import_dir: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "AUDIENCE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -65,6 +68,9 @@ impl ServeArgs {
         }
         if let Some(n) = self.demo_users {
             config.demo_users = n;
+        }
+        if let Some(dir) = &self.import_dir {
+            config.import_dir = Some(dir.clone());
         }
         if let Some(format) = self.log_format {
             config.log_format = format;
@@ -110,6 +116,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let services = Services {
         engine: engine.clone(),
         max_message_bytes: config.max_message_bytes,
+        import_dir: config.import_dir.clone(),
     };
     let demo_users = config.demo_users;
     let ready = async move {

@@ -27,12 +27,39 @@ const PROGRESS_BUFFER: usize = 16;
 #[derive(Debug, Clone)]
 pub struct IngestApi {
     engine: Arc<Engine>,
+    /// Where server-side imports may read, when restricted.
+    import_dir: Option<PathBuf>,
 }
 
 impl IngestApi {
     pub fn new(services: &Services) -> Self {
         Self {
             engine: services.engine.clone(),
+            import_dir: services.import_dir.clone(),
+        }
+    }
+}
+
+impl IngestApi {
+    /// Refuses a path outside the import directory (after resolving `..` and links).
+    fn check_import_path(&self, path: &str) -> Result<(), Status> {
+        let Some(dir) = &self.import_dir else {
+            return Ok(());
+        };
+        let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
+            (Ok(dir), Ok(path)) => path.starts_with(dir),
+            _ => false,
+        };
+        if inside {
+            Ok(())
+        } else {
+            tracing::info!(
+                path,
+                "server-side import outside the import directory refused"
+            );
+            Err(Status::permission_denied(
+                "path: server-side imports read only files inside the server's import directory",
+            ))
         }
     }
 }
@@ -334,6 +361,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         if request.path.is_empty() {
             return Err(invalid("path", "must not be empty"));
         }
+        self.check_import_path(&request.path)?;
         let engine = self.engine.clone();
         Ok(Response::new(spawn_import(deadline, |progress| {
             import_file(engine, request, progress)

@@ -51,6 +51,8 @@ pub struct Services {
     pub engine: Arc<Engine>,
     /// Largest message decoded or encoded.
     pub max_message_bytes: usize,
+    /// When set, `ImportUsersFile` reads only files inside this directory.
+    pub import_dir: Option<std::path::PathBuf>,
 }
 
 /// Why the server stopped with an error.

@@ -1492,3 +1492,37 @@ async fn an_ipc_stream_cut_at_a_message_boundary_is_refused_and_applies_nothing(
         .datasets;
     assert!(!datasets.contains(&"cut".to_owned()), "{datasets:?}");
 }
+
+#[tokio::test]
+async fn server_side_imports_stay_inside_the_import_directory() {
+    let dir = temp_path("import-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = rows(0..50, 0);
+    let inside = dir.join("users.arrow");
+    std::fs::write(&inside, ipc_stream_bytes(&[batch_of(&table)])).unwrap();
+    let outside = dir.parent().unwrap().join("outside.arrow");
+    std::fs::write(&outside, ipc_stream_bytes(&[batch_of(&table)])).unwrap();
+    let server = TestServer::start_with(ServerOptions::default().import_dir(dir.clone())).await;
+    for path in [
+        outside.display().to_string(),
+        format!(
+            "{}/../{}",
+            dir.display(),
+            outside.file_name().unwrap().to_string_lossy()
+        ),
+        "/etc/hostname".to_owned(),
+    ] {
+        let error = server
+            .ingest()
+            .import_users_file(pb::ImportUsersFileRequest {
+                path: path.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_status(&error, tonic::Code::PermissionDenied, &["import directory"]);
+    }
+    let outcome = import_file(&server, "", &inside, "").await;
+    assert_eq!(outcome.done().users_created, 50);
+    std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+}

@@ -65,6 +65,7 @@ pub struct ServerOptions {
     pub limits: Limits,
     pub clock: Arc<dyn Clock>,
     pub max_message_bytes: usize,
+    pub import_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -73,6 +74,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             clock: FixedClock::new(JAN_1_2026),
             max_message_bytes: 64 * 1024 * 1024,
+            import_dir: None,
         }
     }
 }
@@ -85,6 +87,11 @@ impl ServerOptions {
 
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    pub fn import_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.import_dir = Some(dir);
         self
     }
 
@@ -136,6 +143,7 @@ impl TestServer {
         let services = Services {
             engine: engine.clone(),
             max_message_bytes: options.max_message_bytes,
+            import_dir: options.import_dir.clone(),
         };
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
