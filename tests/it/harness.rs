@@ -866,6 +866,13 @@ pub async fn import_chunks(
         .ingest()
         .import_users(tokio_stream::iter(messages))
         .await;
+    collect_progress(response).await
+}
+
+/// Every progress message of an import call, and the error that ended it, if any.
+async fn collect_progress(
+    response: Result<tonic::Response<tonic::Streaming<pb::ImportProgress>>, tonic::Status>,
+) -> ImportOutcome {
     let mut stream = match response {
         Ok(response) => response.into_inner(),
         Err(status) => {
@@ -918,31 +925,5 @@ pub async fn import_file(
             id_column: id_column.to_owned(),
         })
         .await;
-    let mut stream = match response {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            return ImportOutcome {
-                progress: Vec::new(),
-                error: Some(status),
-            }
-        }
-    };
-    let mut progress = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(message)) => progress.push(message),
-            Ok(None) => {
-                return ImportOutcome {
-                    progress,
-                    error: None,
-                }
-            }
-            Err(status) => {
-                return ImportOutcome {
-                    progress,
-                    error: Some(status),
-                }
-            }
-        }
-    }
+    collect_progress(response).await
 }
