@@ -13,7 +13,6 @@ use super::change::{
 use super::error::{EngineError, Result};
 use super::eval::Scope;
 use super::plan::Binder;
-use crate::index::bitmap::add;
 use crate::index::keys::DenseId;
 use crate::index::membership::MembershipIndex;
 use crate::index::{Attribute, AttributeKind, Bitmap, KeyDictionary};
@@ -154,7 +153,7 @@ impl DatasetState {
     pub fn user_mut(&mut self, user_id: &str) -> Result<(DenseId, bool)> {
         let (id, created) = self.keys.get_or_insert(user_id)?;
         if created {
-            add(Arc::make_mut(&mut self.live), id);
+            Arc::make_mut(&mut self.live).insert(id);
         }
         Ok((id, created))
     }

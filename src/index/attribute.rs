@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::bitmap::{add, Bitmap};
+use super::bitmap::Bitmap;
 use super::chunked::ChunkedVec;
 use super::dictionary::{ValueCode, ValueDictionary};
 use super::keys::DenseId;
@@ -163,9 +163,9 @@ impl Categorical {
             self.bitmaps
                 .resize_with(code as usize + 1, || Arc::new(Bitmap::new()));
         }
-        add(Arc::make_mut(&mut self.bitmaps[code as usize]), id);
+        Arc::make_mut(&mut self.bitmaps[code as usize]).insert(id);
         self.codes.set(id, code);
-        add(Arc::make_mut(&mut self.present), id);
+        Arc::make_mut(&mut self.present).insert(id);
     }
 
     /// Sets (or, for `None`, clears) the values of many users, each id at most once: every
@@ -274,12 +274,12 @@ impl SetAttribute {
                     .resize_with(code + 1, || Arc::new(Bitmap::new()));
             }
             if !self.bitmaps[code].contains(id) {
-                add(Arc::make_mut(&mut self.bitmaps[code]), id);
+                Arc::make_mut(&mut self.bitmaps[code]).insert(id);
             }
             added = true;
         }
         if added && !self.present.contains(id) {
-            add(Arc::make_mut(&mut self.present), id);
+            Arc::make_mut(&mut self.present).insert(id);
         }
     }
 
@@ -411,7 +411,7 @@ impl BooleanAttribute {
             Arc::make_mut(from).remove(id);
         }
         if !to.contains(id) {
-            add(Arc::make_mut(to), id);
+            Arc::make_mut(to).insert(id);
         }
     }
 
@@ -566,7 +566,9 @@ fn apply_grouped(
     for (code, ids) in added {
         if let Some(bitmap) = bitmaps.get_mut(code as usize) {
             let bitmap = Arc::make_mut(bitmap);
-            ids.iter().for_each(|&id| add(bitmap, id));
+            ids.iter().for_each(|&id| {
+                bitmap.insert(id);
+            });
         }
     }
 }
@@ -581,7 +583,7 @@ pub(crate) fn update_set(set: &mut Arc<Bitmap>, gained: &[DenseId], lost: &[Dens
         set.remove(id);
     }
     for &id in gained {
-        add(set, id);
+        set.insert(id);
     }
 }
 

@@ -24,10 +24,3 @@ pub fn full_range(len: u32) -> Bitmap {
     set.insert_range(0..len);
     set
 }
-
-/// Adds one id. (roaring's `try_push` looks like a faster append but scans a bitmap
-/// container for its maximum on every call: measured 40% of an import.)
-#[inline]
-pub fn add(set: &mut Bitmap, id: u32) {
-    set.insert(id);
-}

@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use super::bitmap::{add, union_all, Bitmap};
+use super::bitmap::{union_all, Bitmap};
 use super::chunked::ChunkedVec;
 use super::keys::DenseId;
 
@@ -137,7 +137,7 @@ impl<T: NumericValue> Bucket<T> {
             if value.order(&self.max).is_gt() {
                 self.max = value;
             }
-            add(members, id);
+            members.insert(id);
         }
     }
 }
@@ -279,12 +279,12 @@ impl<T: NumericValue> NumericColumn<T> {
         if range.is_empty() {
             return Bitmap::new();
         }
+        let (inside, edges) = self.classify(range);
         if let Some(universe) = within {
-            if self.prefers_scan(range, universe) {
+            if self.prefers_scan(&inside, &edges, universe) {
                 return self.filter((universe & &*self.present).iter(), range);
             }
         }
-        let (inside, edges) = self.classify(range);
         let mut selected = match self.cumulative_span(&inside) {
             Some((upto, below)) => match below {
                 Some(below) => &*upto - &*below,
@@ -307,12 +307,12 @@ impl<T: NumericValue> NumericColumn<T> {
         if range.is_empty() {
             return 0;
         }
+        let (inside, edges) = self.classify(range);
         if let Some(universe) = within {
-            if self.prefers_scan(range, universe) {
+            if self.prefers_scan(&inside, &edges, universe) {
                 return self.filter((universe & &*self.present).iter(), range).len();
             }
         }
-        let (inside, edges) = self.classify(range);
         let count_in = |set: &Bitmap| match within {
             Some(universe) => set.intersection_len(universe),
             None => set.len(),
@@ -393,15 +393,19 @@ impl<T: NumericValue> NumericColumn<T> {
     /// Reading the column for the users in scope beats touching many bucket bitmaps when the
     /// scope is small next to what the range selects, unless cumulative sets answer the whole
     /// buckets in two operations anyway.
-    fn prefers_scan(&self, range: &ValueRange<T>, universe: &Bitmap) -> bool {
-        let (inside, edges) = self.classify(range);
-        if self.cumulative_span(&inside).is_some() {
+    fn prefers_scan(
+        &self,
+        inside: &[(usize, Arc<Bitmap>)],
+        edges: &[Arc<Bitmap>],
+        universe: &Bitmap,
+    ) -> bool {
+        if self.cumulative_span(inside).is_some() {
             return false;
         }
         let selected: u64 = inside
             .iter()
             .map(|(_, b)| b)
-            .chain(&edges)
+            .chain(edges)
             .map(|b| b.len())
             .sum();
         universe.len().saturating_mul(2) < selected
