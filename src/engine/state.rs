@@ -43,6 +43,30 @@ pub struct DatasetState {
     pub membership: MembershipIndex,
     /// Bumped by every applied change; names this version.
     pub version: u64,
+    /// Membership changes made by the change being applied, in order; the engine takes them
+    /// (leaving this empty) before it publishes the version, to feed watchers.
+    pub transitions: Vec<SegmentTransition>,
+}
+
+/// Users that entered and left one saved segment in one change.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentTransition {
+    pub segment: String,
+    pub entered: Bitmap,
+    pub left: Bitmap,
+}
+
+impl DatasetState {
+    fn record_transition(&mut self, segment: &str, entered: &Bitmap, left: &Bitmap) {
+        if entered.is_empty() && left.is_empty() {
+            return;
+        }
+        self.transitions.push(SegmentTransition {
+            segment: segment.to_owned(),
+            entered: entered.clone(),
+            left: left.clone(),
+        });
+    }
 }
 
 /// The longest chain of SEGMENT references (a segment naming one naming one ...).
@@ -298,6 +322,7 @@ impl DatasetState {
                 }
             };
             self.membership.update(slot, &entered, &left);
+            self.record_transition(id, &entered, &left);
             if let Some(segment) = self.segments.get_mut(id) {
                 Arc::make_mut(segment).members = Arc::new(members);
             }
@@ -337,8 +362,9 @@ impl DatasetState {
             Some(existing) => (existing.slot, existing.members.clone()),
             None => (self.membership.add_segment(&id), Arc::new(Bitmap::new())),
         };
-        self.membership
-            .update(slot, &(&members - &*old), &(&*old - &members));
+        let (entered, left) = (&members - &*old, &*old - &members);
+        self.membership.update(slot, &entered, &left);
+        self.record_transition(&id, &entered, &left);
         self.segments.insert(
             id.clone(),
             Arc::new(Segment {
@@ -473,6 +499,7 @@ impl DatasetState {
         if let Some(segment) = self.segments.remove(id) {
             self.membership
                 .remove_segment(segment.slot, &segment.members);
+            self.record_transition(id, &Bitmap::new(), &segment.members);
         }
         Ok(())
     }
