@@ -37,6 +37,9 @@ pub struct Config {
     pub import_dir: Option<PathBuf>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// Seconds between re-evaluations of segments whose windows move with time (and drops of
+    /// events past retention).
+    pub segment_refresh_secs: u64,
     /// Request-size limits of the engine.
     pub limits: Limits,
 }
@@ -51,6 +54,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             import_dir: None,
             max_message_bytes: 64 * 1024 * 1024,
+            segment_refresh_secs: 60,
             limits: Limits::default(),
         }
     }
@@ -109,6 +113,14 @@ impl Config {
             (
                 (1..=64).contains(&limits.max_expression_depth),
                 "limits.max_expression_depth must be between 1 and 64",
+            ),
+            (
+                self.segment_refresh_secs > 0,
+                "segment_refresh_secs must be positive",
+            ),
+            (
+                limits.max_batch_events > 0,
+                "limits.max_batch_events must be positive",
             ),
             (
                 limits.max_batch_users > 0,

@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "AUDIENCE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Seconds between re-evaluations of time-windowed segments.
+    #[arg(long, env = "AUDIENCE_SEGMENT_REFRESH_SECS")]
+    segment_refresh_secs: Option<u64>,
 }
 
 /// Why the server could not run.
@@ -74,6 +77,9 @@ impl ServeArgs {
         }
         if let Some(format) = self.log_format {
             config.log_format = format;
+        }
+        if let Some(secs) = self.segment_refresh_secs {
+            config.segment_refresh_secs = secs;
         }
         config.validate()?;
         Ok(config)
@@ -117,6 +123,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         engine: engine.clone(),
         max_message_bytes: config.max_message_bytes,
         import_dir: config.import_dir.clone(),
+        time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
     };
     let demo_users = config.demo_users;
     let ready = async move {

@@ -26,6 +26,23 @@ pub enum Change {
     UpdateSegment(SegmentDefinition),
     /// Remove a saved segment.
     DeleteSegment(String),
+    /// Behaviour events; unknown users are created.
+    RecordEvents(Vec<EventRecord>),
+    /// Time has passed: drop events beyond retention and re-evaluate segments whose windows
+    /// moved, for the users whose membership can have changed.
+    AdvanceTime,
+    /// Keep events for this many days.
+    SetRetention { days: u32 },
+}
+
+/// One behaviour event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub user_id: String,
+    pub event: String,
+    pub ts: Millis,
+    /// Accepted and checked (finite), not yet indexed: no predicate reads it.
+    pub value: Option<f64>,
 }
 
 /// A record batch of a users table and the name of its id column.
@@ -106,6 +123,10 @@ pub struct ChangeOutcome {
     pub updated: u64,
     pub deleted: u64,
     pub not_found: u64,
+    /// Events stored.
+    pub events: u64,
+    /// Events older than the retention, dropped.
+    pub expired: u64,
 }
 
 impl std::ops::AddAssign for ChangeOutcome {
@@ -114,5 +135,7 @@ impl std::ops::AddAssign for ChangeOutcome {
         self.updated += other.updated;
         self.deleted += other.deleted;
         self.not_found += other.not_found;
+        self.events += other.events;
+        self.expired += other.expired;
     }
 }

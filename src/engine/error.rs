@@ -59,6 +59,8 @@ pub enum EngineError {
         user_id: String,
         reason: Box<EngineError>,
     },
+    #[error("event {index}: {reason}")]
+    InvalidEvent { index: usize, reason: String },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("{what} is {actual}, more than the limit of {limit}")]

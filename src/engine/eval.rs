@@ -42,6 +42,7 @@ impl Plan {
             Plan::AnyOf { sets, .. } => sets.iter().map(|s| s.len()).sum::<u64>().min(scope_len),
             Plan::AllOf(sets) => sets.iter().map(|s| s.len()).min().unwrap_or(0),
             Plan::Range(leaf) => leaf.estimate().min(scope_len),
+            Plan::Did(leaf) => leaf.series.estimate(leaf.window).min(scope_len),
             Plan::Not(inner) => scope_len.saturating_sub(inner.lower_estimate()),
             Plan::And(children) => children
                 .iter()
@@ -75,6 +76,7 @@ impl Plan {
                 Some(within) => intersect_all(sets.iter().map(|s| &**s).chain([within])),
             },
             Plan::Range(leaf) => leaf.select(scope.restriction()),
+            Plan::Did(leaf) => leaf.series.select(leaf.window, leaf.k, scope.restriction()),
             Plan::Not(inner) => scope.users() - inner.select(scope),
             Plan::And(children) => select_and(children, scope),
             Plan::Or(children) => {
@@ -103,7 +105,9 @@ impl Plan {
             Plan::Range(leaf) => leaf.count(scope.restriction()),
             Plan::Not(inner) => scope.users().len() - inner.count(scope),
             Plan::And(children) => count_and(children, scope),
-            Plan::AnyOf { .. } | Plan::AllOf(_) | Plan::Or(_) => self.select(scope).len(),
+            Plan::AnyOf { .. } | Plan::AllOf(_) | Plan::Or(_) | Plan::Did(_) => {
+                self.select(scope).len()
+            }
         }
     }
 }

@@ -73,7 +73,7 @@ fn is_string_dictionary(item: &Field) -> bool {
 }
 
 /// Casts that fail on overflow instead of turning the value into a null.
-fn strict_cast(column: &str, array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+pub(super) fn strict_cast(column: &str, array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
     let options = CastOptions {
         safe: false,
         ..Default::default()

@@ -17,6 +17,8 @@ pub mod change;
 pub mod cursor;
 pub mod error;
 pub mod eval;
+pub mod event_import;
+pub mod events;
 pub mod import;
 pub mod plan;
 pub mod query;
@@ -25,8 +27,10 @@ pub mod state;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use arrow_array::RecordBatch;
+
 pub use change::{
-    AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, ImportBatch,
+    AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, EventRecord, ImportBatch,
     SegmentDefinition, UserUpdate,
 };
 pub use error::{EngineError, Result};
@@ -50,6 +54,8 @@ pub struct Limits {
     pub max_expression_depth: usize,
     /// Users in one upsert or delete batch.
     pub max_batch_users: usize,
+    /// Events in one recorded batch (or one message of a stream).
+    pub max_batch_events: usize,
     /// Ids in one page, sample or export chunk.
     pub max_page_size: usize,
     /// Audiences in one overlap request.
@@ -70,6 +76,7 @@ impl Default for Limits {
             max_expression_nodes: 1_000,
             max_expression_depth: 32,
             max_batch_users: 10_000,
+            max_batch_events: 100_000,
             max_page_size: 100_000,
             max_overlap_audiences: 32,
             max_segments: 10_000,
@@ -283,6 +290,15 @@ impl Engine {
             Change::DeleteUsers(users) => users.len(),
             _ => 0,
         };
+        if let Change::RecordEvents(events) = change {
+            if events.len() > self.limits.max_batch_events {
+                return Err(EngineError::LimitExceeded {
+                    what: "the number of events in one batch",
+                    actual: events.len() as u64,
+                    limit: self.limits.max_batch_events as u64,
+                });
+            }
+        }
         if batch > self.limits.max_batch_users {
             return Err(EngineError::LimitExceeded {
                 what: "the batch size",
@@ -294,6 +310,35 @@ impl Engine {
             self.check_expression(&definition.expression)?;
         }
         Ok(())
+    }
+
+    /// Brings every dataset whose segments or events depend on time up to the clock: drops
+    /// events past retention and re-evaluates moving windows (see [`events`]). Returns how
+    /// many datasets it advanced.
+    ///
+    /// # Errors
+    /// The first dataset that failed; the others are still advanced.
+    pub async fn advance_time(&self) -> Result<usize> {
+        let mut advanced = 0;
+        let mut first_error = None;
+        for name in self.dataset_names() {
+            let Ok(state) = self.snapshot(&name) else {
+                continue;
+            };
+            if !state.depends_on_time() {
+                continue;
+            }
+            match self.apply(&name, Change::AdvanceTime).await {
+                Ok(_) => advanced += 1,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(advanced),
+        }
     }
 
     /// Starts a multi-batch import: batches apply to a private version, published by
@@ -313,6 +358,7 @@ impl Engine {
             state: Some(state),
             outcome: ChangeOutcome::default(),
             now: self.now(),
+            staged: event_import::StagedEvents::default(),
         })
     }
 
@@ -403,6 +449,8 @@ pub struct Import {
     state: Option<DatasetState>,
     outcome: ChangeOutcome,
     now: Millis,
+    /// Events read so far, merged into the index by [`Import::settle`].
+    staged: event_import::StagedEvents,
 }
 
 impl Import {
@@ -427,6 +475,56 @@ impl Import {
         Ok(outcome)
     }
 
+    /// Reads one record batch of an events table; its events reach the index in
+    /// [`Import::settle`], all at once.
+    ///
+    /// # Errors
+    /// A bad column or value; the import is then unusable and must be dropped.
+    pub async fn apply_events(&mut self, batch: RecordBatch) -> Result<ChangeOutcome> {
+        let mut state = self
+            .state
+            .take()
+            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
+        let mut staged = std::mem::take(&mut self.staged);
+        let cutoff = state.retention_cutoff(self.now);
+        let (state, staged, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = event_import::stage_batch(&mut state, &batch, cutoff, &mut staged)?;
+            Ok::<_, EngineError>((state, staged, outcome))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
+        self.state = Some(state);
+        self.staged = staged;
+        self.outcome += outcome;
+        Ok(outcome)
+    }
+
+    /// Merges staged events into the index and brings segments up to date for their users.
+    ///
+    /// # Errors
+    /// A segment that fails to evaluate; the import is then unusable.
+    pub async fn settle(&mut self) -> Result<()> {
+        if self.staged.batch.is_empty() && self.staged.touched.is_empty() {
+            return Ok(());
+        }
+        let mut state = self
+            .state
+            .take()
+            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
+        let staged = std::mem::take(&mut self.staged);
+        let now = self.now;
+        let state = tokio::task::spawn_blocking(move || {
+            state.events.add(staged.batch);
+            state.after_user_writes(&staged.touched, now)?;
+            state.version += 1;
+            Ok::<_, EngineError>(state)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
+        self.state = Some(state);
+        Ok(())
+    }
+
     /// Makes room for an import of `rows` users of which most may be new (a Parquet file says
     /// its row count up front), so the key tables never rehash mid-import. Rows beyond the
     /// dataset's current size are reserved, so re-importing a dataset reserves nothing.
@@ -448,6 +546,11 @@ impl Import {
     /// An import whose last batch failed, or whose new dataset was created by another write
     /// meanwhile (then nothing is published and the caller may retry).
     pub fn commit(mut self) -> Result<ChangeOutcome> {
+        if !self.staged.batch.is_empty() || !self.staged.touched.is_empty() {
+            return Err(EngineError::Internal(
+                "import committed with unsettled events".into(),
+            ));
+        }
         let state = self
             .state
             .take()

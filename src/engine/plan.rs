@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use super::error::{EngineError, Result};
 use super::state::DatasetState;
-use crate::expr::{CompareOp, Expr, Literal, Predicate, Value};
+use crate::expr::{CompareOp, Expr, Literal, Predicate, Value, Window};
+use crate::index::events::{EventSeries, TimeWindow};
 use crate::index::numeric::{NumericColumn, NumericValue, ValueRange};
 use crate::index::{Attribute, AttributeKind, Bitmap};
 use crate::time::{parse_rfc3339, Millis};
@@ -31,6 +32,8 @@ pub enum Plan {
     AllOf(Vec<Arc<Bitmap>>),
     /// Users whose numeric value lies in a range.
     Range(RangeLeaf),
+    /// Users with at least `k` events of one name in a window.
+    Did(DidLeaf),
     Not(Box<Plan>),
     And(Vec<Plan>),
     Or(Vec<Plan>),
@@ -84,6 +87,49 @@ impl RangeLeaf {
     }
 }
 
+/// A DID predicate resolved to one event series and an absolute, retention-clamped window.
+#[derive(Debug, Clone)]
+pub struct DidLeaf {
+    pub series: Arc<EventSeries>,
+    pub window: TimeWindow,
+    pub k: u64,
+}
+
+/// The absolute window of a DID predicate at `as_of` (no window: all time).
+///
+/// # Errors
+/// A bound that is not a timestamp (an RFC 3339 string, epoch milliseconds or `NOW`).
+pub fn did_window(window: Option<&Window>, as_of: Millis) -> Result<TimeWindow> {
+    Ok(match window {
+        None => TimeWindow {
+            start: Millis::MIN,
+            end: Millis::MAX,
+        },
+        Some(Window::Last(duration)) => TimeWindow {
+            start: as_of.saturating_sub(duration.as_millis()),
+            end: as_of,
+        },
+        Some(Window::Between { start, end }) => TimeWindow {
+            start: instant(start, as_of)?,
+            end: instant(end, as_of)?,
+        },
+    })
+}
+
+/// A window bound as an instant.
+fn instant(value: &Value, as_of: Millis) -> Result<Millis> {
+    match value {
+        Value::Now { offset } => Ok(as_of.saturating_add(offset.map_or(0, |o| o.as_millis()))),
+        Value::Literal(Literal::String(text)) => Ok(parse_rfc3339(text)?),
+        Value::Literal(Literal::Int(ms)) => Ok(*ms),
+        Value::Literal(other) => Err(EngineError::InvalidExpression(format!(
+            "a DID window bound must be a timestamp (an RFC 3339 string, epoch milliseconds or \
+             NOW), not {}",
+            describe(other)
+        ))),
+    }
+}
+
 /// Binds expressions against one snapshot, anchoring `NOW` at `as_of`.
 pub struct Binder<'a> {
     state: &'a DatasetState,
@@ -126,6 +172,24 @@ impl<'a> Binder<'a> {
 
     fn bind_predicate(&self, predicate: &Predicate) -> Result<Plan> {
         match predicate {
+            Predicate::Did {
+                event,
+                at_least,
+                window,
+            } => {
+                let window = self
+                    .state
+                    .events
+                    .clamp(did_window(window.as_ref(), self.as_of)?);
+                Ok(match self.state.events.series(event) {
+                    Some(series) if window.start < window.end => Plan::Did(DidLeaf {
+                        series: series.clone(),
+                        window,
+                        k: at_least.unwrap_or(1),
+                    }),
+                    _ => Plan::Empty,
+                })
+            }
             Predicate::Segment { id } => {
                 let segment = self
                     .state

@@ -13,6 +13,7 @@ use super::change::{
 use super::error::{EngineError, Result};
 use super::eval::Scope;
 use super::plan::Binder;
+use crate::index::events::EventStore;
 use crate::index::keys::DenseId;
 use crate::index::membership::MembershipIndex;
 use crate::index::{Attribute, AttributeKind, Bitmap, KeyDictionary};
@@ -41,6 +42,12 @@ pub struct DatasetState {
     pub segments: BTreeMap<String, Arc<Segment>>,
     /// Every user's segments, mirrored from `segments` for per-user lookups.
     pub membership: MembershipIndex,
+    /// Behaviour events by name and day.
+    pub events: EventStore,
+    /// Days of events kept; `None` is the default.
+    pub retention_days: Option<u32>,
+    /// When time-driven segment changes were last brought up to date; `None` before the first.
+    pub time_refreshed_at: Option<Millis>,
     /// Bumped by every applied change; names this version.
     pub version: u64,
     /// Membership changes made by the change being applied, in order; the engine takes them
@@ -139,6 +146,26 @@ impl DatasetState {
             }
             Change::DeleteSegment(id) => {
                 self.delete_segment(id)?;
+                ChangeOutcome::default()
+            }
+            Change::RecordEvents(events) => {
+                let (outcome, touched) = self.record_events(events, now)?;
+                self.after_user_writes(&touched, now)?;
+                outcome
+            }
+            Change::AdvanceTime => {
+                self.advance_time(now)?;
+                ChangeOutcome::default()
+            }
+            Change::SetRetention { days } => {
+                if *days == 0 {
+                    return Err(EngineError::InvalidArgument {
+                        field: "retention_days",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                self.retention_days = Some(*days);
+                self.advance_time(now)?;
                 ChangeOutcome::default()
             }
         };
@@ -269,11 +296,12 @@ impl DatasetState {
                 None => outcome.not_found += 1,
             }
         }
+        self.events.remove_users(&touched);
         (outcome, touched)
     }
 
     /// Rebalances range indexes and brings every segment up to date for `touched` users.
-    fn after_user_writes(&mut self, touched: &Bitmap, now: Millis) -> Result<()> {
+    pub(super) fn after_user_writes(&mut self, touched: &Bitmap, now: Millis) -> Result<()> {
         if touched.is_empty() {
             return Ok(());
         }
@@ -290,7 +318,7 @@ impl DatasetState {
     }
 
     /// Re-evaluates `order` (dependencies first) for `touched` users, or fully when `None`.
-    fn refresh_segments(
+    pub(super) fn refresh_segments(
         &mut self,
         order: &[String],
         touched: Option<&Bitmap>,

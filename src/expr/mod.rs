@@ -70,6 +70,23 @@ pub enum Predicate {
     IsNull { attribute: String, negated: bool },
     /// `SEGMENT "id"`: the members of a saved segment.
     Segment { id: String },
+    /// `DID event [AT LEAST k TIMES] [window]`: users with at least `at_least` (default 1)
+    /// events named `event` in the window (default: all retained history).
+    Did {
+        event: String,
+        /// `None` when the text has no `AT LEAST` (kept apart from `Some(1)` to round-trip).
+        at_least: Option<u64>,
+        window: Option<Window>,
+    },
+}
+
+/// The time window of a DID predicate: always half-open, `[start, end)`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Window {
+    /// `IN LAST 30d`: `[as_of - 30d, as_of)`.
+    Last(Duration),
+    /// `BETWEEN start AND end`: `[start, end)`.
+    Between { start: Value, end: Value },
 }
 
 /// The operator of a [`Predicate::Compare`].
@@ -200,6 +217,20 @@ impl Expr {
             Expr::Predicate(Predicate::Segment { id }) => out.push(id),
             Expr::Predicate(_) => {}
         }
+    }
+
+    /// Every leaf predicate, depth first.
+    pub fn predicates(&self) -> Vec<&Predicate> {
+        let mut out = Vec::new();
+        let mut stack = vec![self];
+        while let Some(expr) = stack.pop() {
+            match expr {
+                Expr::And(children) | Expr::Or(children) => stack.extend(children.iter().rev()),
+                Expr::Not(child) => stack.push(child),
+                Expr::Predicate(p) => out.push(p),
+            }
+        }
+        out
     }
 }
 

@@ -5,7 +5,9 @@
 //! `NOT` (AND and OR chains are loops), and both count against a depth limit, so hostile input
 //! gets an error instead of a stack overflow.
 
-use super::{CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value};
+use super::{
+    CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value, Window,
+};
 
 /// The nesting limit of [`parse`]: deep enough for any hand-written segment, shallow enough that
 /// the recursion stays far from the end of a thread's stack.
@@ -109,6 +111,16 @@ const KEYWORDS: [(&str, Kw); 19] = [
     ("FALSE", Kw::False),
     ("LAST", Kw::Last),
 ];
+
+/// Whether `word` reads back as an identifier (the identifier rule, and not a keyword).
+pub(crate) fn is_plain_identifier(word: &str) -> bool {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        && keyword(word).is_none()
+}
 
 fn keyword(word: &str) -> Option<Kw> {
     KEYWORDS
@@ -557,9 +569,68 @@ impl Parser<'_> {
         match &first.tok {
             Tok::Ident(name) => self.attribute_test(name.clone()),
             Tok::Kw(Kw::Segment) => self.segment(&first),
-            Tok::Kw(Kw::Did) => Err(first.start.error("DID predicates are not supported yet")),
+            Tok::Kw(Kw::Did) => self.did(&first),
             _ => Err(self.unexpected(&first, "an attribute name")),
         }
+    }
+
+    /// `DID event [AT LEAST k TIMES] [IN LAST d | BETWEEN v AND v]`.
+    fn did(&mut self, did: &Token) -> Result<Predicate, ParseError> {
+        let name = self.advance();
+        let event = match name.tok {
+            Tok::Ident(event) | Tok::Str(event) => event,
+            _ => {
+                let expected = format!("an event name after '{}'", self.text(did));
+                return Err(self.unexpected(&name, &expected));
+            }
+        };
+        let at_least = match self.eat(Kw::At) {
+            Some(at) => Some(self.at_least(&at)?),
+            None => None,
+        };
+        let window = if let Some(in_kw) = self.eat(Kw::In) {
+            let Some(last) = self.eat(Kw::Last) else {
+                let expected = format!("'LAST' after '{}'", self.text(&in_kw));
+                return Err(self.unexpected(self.peek(), &expected));
+            };
+            Some(Window::Last(self.unsigned_duration_after(&last)?))
+        } else if let Some(between) = self.eat(Kw::Between) {
+            let start = self.value_after(&between)?;
+            let Some(and) = self.eat(Kw::And) else {
+                let expected = format!("'AND' after the start of '{}'", self.text(&between));
+                return Err(self.unexpected(self.peek(), &expected));
+            };
+            let end = self.value_after(&and)?;
+            Some(Window::Between { start, end })
+        } else {
+            None
+        };
+        Ok(Predicate::Did {
+            event,
+            at_least,
+            window,
+        })
+    }
+
+    /// `LEAST k TIMES` after `AT`, with `k >= 1`.
+    fn at_least(&mut self, at: &Token) -> Result<u64, ParseError> {
+        let Some(least) = self.eat(Kw::Least) else {
+            let expected = format!("'LEAST' after '{}'", self.text(at));
+            return Err(self.unexpected(self.peek(), &expected));
+        };
+        let count = self.advance();
+        let k = match count.tok {
+            Tok::Int(k) if k >= 1 => k as u64,
+            Tok::Int(_) => return Err(count.start.error("AT LEAST needs a count of 1 or more")),
+            _ => {
+                let expected = format!("a count after '{}'", self.text(&least));
+                return Err(self.unexpected(&count, &expected));
+            }
+        };
+        if self.eat(Kw::Times).is_none() {
+            return Err(self.unexpected(self.peek(), "'TIMES' after the count"));
+        }
+        Ok(k)
     }
 
     fn segment(&mut self, keyword: &Token) -> Result<Predicate, ParseError> {
@@ -970,6 +1041,56 @@ mod tests {
     }
 
     #[test]
+    fn did_takes_every_form_of_the_grammar() {
+        let did = |event: &str, at_least, window| {
+            pred(Predicate::Did {
+                event: event.into(),
+                at_least,
+                window,
+            })
+        };
+        let days = |amount| Duration {
+            amount,
+            unit: DurationUnit::Days,
+        };
+        assert_eq!(ok("DID purchase"), did("purchase", None, None));
+        assert_eq!(
+            ok(r#"did "add to cart" at least 3 times in last 14d"#),
+            did("add to cart", Some(3), Some(Window::Last(days(14))))
+        );
+        assert_eq!(
+            ok(r#"DID x BETWEEN "2026-01-01T00:00:00Z" AND NOW - 1d AND a = 1"#),
+            Expr::And(vec![
+                did(
+                    "x",
+                    None,
+                    Some(Window::Between {
+                        start: Value::Literal(Literal::String("2026-01-01T00:00:00Z".into())),
+                        end: Value::Now {
+                            offset: Some(SignedDuration {
+                                negative: true,
+                                duration: days(1),
+                            }),
+                        },
+                    }),
+                ),
+                eq("a", Literal::Int(1)),
+            ])
+        );
+        assert_eq!(
+            ok("NOT DID purchase IN LAST 90m"),
+            Expr::Not(Box::new(did(
+                "purchase",
+                None,
+                Some(Window::Last(Duration {
+                    amount: 90,
+                    unit: DurationUnit::Minutes,
+                })),
+            )))
+        );
+    }
+
+    #[test]
     fn identifiers_keep_case_and_dots() {
         assert_eq!(ok("User.Profile_2.Age = 1"), int("User.Profile_2.Age", 1));
         assert_eq!(ok("_x = 1"), int("_x", 1));
@@ -1091,12 +1212,32 @@ mod tests {
             ("a = -inf", "1:5: expected a value after '=', found '-'"),
             ("a ~ 1", "1:3: unexpected character '~'"),
             (
-                "a = 1 AND DID purchase",
-                "1:11: DID predicates are not supported yet",
+                "DID",
+                "1:4: expected an event name after 'DID', found end of input",
             ),
             (
-                "did x AT LEAST 2 TIMES",
-                "1:1: DID predicates are not supported yet",
+                "DID x AT 2 TIMES",
+                "1:10: expected 'LEAST' after 'AT', found '2'",
+            ),
+            (
+                "DID x AT LEAST 0 TIMES",
+                "1:16: AT LEAST needs a count of 1 or more",
+            ),
+            (
+                "DID x AT LEAST 2",
+                "1:17: expected 'TIMES' after the count, found end of input",
+            ),
+            (
+                "DID x IN 30d",
+                "1:10: expected 'LAST' after 'IN', found '30d'",
+            ),
+            (
+                "DID x IN LAST 30",
+                "1:15: expected a duration such as 30d after 'LAST', found '30'",
+            ),
+            (
+                "DID x BETWEEN NOW - 1d",
+                "1:23: expected 'AND' after the start of 'BETWEEN', found end of input",
             ),
         ];
         for (text, expected) in cases {

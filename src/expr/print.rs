@@ -9,7 +9,7 @@
 //! identifier or is a keyword, and a non-finite float (printed as `inf`/`NaN`; the protobuf
 //! converter rejects those before they reach a tree).
 
-use super::{Expr, Literal, Predicate, SignedDuration, Value};
+use super::{Duration, Expr, Literal, Predicate, SignedDuration, Value, Window};
 
 /// The canonical text of `expr`.
 pub fn to_text(expr: &Expr) -> String {
@@ -106,6 +106,31 @@ fn write_predicate(out: &mut String, predicate: &Predicate) {
             push_all(out, &[attribute, test]);
         }
         Predicate::Segment { id } => push_all(out, &["SEGMENT ", &string_text(id)]),
+        Predicate::Did {
+            event,
+            at_least,
+            window,
+        } => {
+            out.push_str("DID ");
+            if super::parse::is_plain_identifier(event) {
+                out.push_str(event);
+            } else {
+                out.push_str(&string_text(event));
+            }
+            if let Some(k) = at_least {
+                push_all(out, &[" AT LEAST ", &k.to_string(), " TIMES"]);
+            }
+            match window {
+                None => {}
+                Some(Window::Last(duration)) => {
+                    push_all(out, &[" IN LAST ", &duration_text(*duration)])
+                }
+                Some(Window::Between { start, end }) => push_all(
+                    out,
+                    &[" BETWEEN ", &value_text(start), " AND ", &value_text(end)],
+                ),
+            }
+        }
     }
 }
 
@@ -130,12 +155,16 @@ fn value_text(value: &Value) -> String {
 
 fn offset_text(offset: SignedDuration) -> String {
     let sign = if offset.negative { '-' } else { '+' };
-    let unit = match offset.duration.unit {
+    format!("{sign} {}", duration_text(offset.duration))
+}
+
+fn duration_text(duration: Duration) -> String {
+    let unit = match duration.unit {
         super::DurationUnit::Days => 'd',
         super::DurationUnit::Hours => 'h',
         super::DurationUnit::Minutes => 'm',
     };
-    format!("{sign} {}{unit}", offset.duration.amount)
+    format!("{}{unit}", duration.amount)
 }
 
 fn literal_text(literal: &Literal) -> String {
@@ -408,7 +437,7 @@ mod tests {
         ]
     }
 
-    fn predicate() -> impl Strategy<Value = Predicate> {
+    fn predicate() -> BoxedStrategy<Predicate> {
         let a = attribute;
         prop_oneof![
             (a(), literal(), any::<bool>()).prop_map(|(attribute, value, negated)| {
@@ -443,7 +472,27 @@ mod tests {
             (a(), any::<bool>())
                 .prop_map(|(attribute, negated)| Predicate::IsNull { attribute, negated }),
             text_value().prop_map(|id| Predicate::Segment { id }),
+            (
+                prop_oneof![a(), text_value()],
+                proptest::option::of(1u64..=i64::MAX as u64),
+                proptest::option::of(window()),
+            )
+                .prop_map(|(event, at_least, window)| Predicate::Did {
+                    event,
+                    at_least,
+                    window
+                })
+                .boxed(),
         ]
+        .boxed()
+    }
+
+    fn window() -> BoxedStrategy<Window> {
+        prop_oneof![
+            offset().prop_map(|o| Window::Last(o.duration)),
+            (value(), value()).prop_map(|(start, end)| Window::Between { start, end }),
+        ]
+        .boxed()
     }
 
     fn expr() -> impl Strategy<Value = Expr> {

@@ -8,9 +8,11 @@ use tonic::Status;
 
 use super::pb;
 use super::status::invalid;
-use crate::engine::{AttributeChange, AttributeValue, Audience, ChangeOp, Engine, UserUpdate};
+use crate::engine::{
+    AttributeChange, AttributeValue, Audience, ChangeOp, Engine, EventRecord, UserUpdate,
+};
 use crate::expr::{
-    CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value,
+    CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value, Window,
 };
 use crate::index::AttributeKind;
 use crate::time::Millis;
@@ -208,6 +210,44 @@ pub fn node_to_expr(node: &pb::Node, field: &str) -> Result<Expr, Status> {
                 id: p.segment_id.clone(),
             })
         }
+        N::Did(p) => did(p, &format!("{field}.did")),
+    }
+}
+
+fn did(p: &pb::DidPredicate, field: &str) -> Result<Expr, Status> {
+    use pb::did_predicate::Window as W;
+    if p.event.is_empty() {
+        return Err(invalid(&format!("{field}.event"), "must not be empty"));
+    }
+    if p.at_least > i64::MAX as u64 {
+        return Err(invalid(&format!("{field}.at_least"), "is too large"));
+    }
+    let window = match &p.window {
+        None => None,
+        Some(W::Last(d)) => Some(Window::Last(Duration {
+            amount: d.amount,
+            unit: duration_unit(d.unit, &format!("{field}.last.unit"))?,
+        })),
+        Some(W::Between(range)) => Some(Window::Between {
+            start: value(range.start.as_ref(), &format!("{field}.between.start"))?,
+            end: value(range.end.as_ref(), &format!("{field}.between.end"))?,
+        }),
+    };
+    Ok(Expr::Predicate(Predicate::Did {
+        event: p.event.clone(),
+        at_least: (p.at_least > 0).then_some(p.at_least),
+        window,
+    }))
+}
+
+fn duration_unit(unit: i32, field: &str) -> Result<DurationUnit, Status> {
+    match pb::DurationUnit::try_from(unit) {
+        Ok(pb::DurationUnit::Days) => Ok(DurationUnit::Days),
+        Ok(pb::DurationUnit::Hours) => Ok(DurationUnit::Hours),
+        Ok(pb::DurationUnit::Minutes) => Ok(DurationUnit::Minutes),
+        Ok(pb::DurationUnit::Unspecified) | Err(_) => {
+            Err(invalid(field, "must be DAYS, HOURS or MINUTES"))
+        }
     }
 }
 
@@ -244,20 +284,11 @@ fn value(message: Option<&pb::Value>, field: &str) -> Result<Value, Status> {
             &format!("{field}.literal"),
         )?)),
         Some(pb::value::Kind::Now(relative)) => {
-            let unit = match pb::DurationUnit::try_from(relative.unit) {
-                Ok(pb::DurationUnit::Days) => DurationUnit::Days,
-                Ok(pb::DurationUnit::Hours) => DurationUnit::Hours,
-                Ok(pb::DurationUnit::Minutes) => DurationUnit::Minutes,
-                Ok(pb::DurationUnit::Unspecified) if relative.amount == 0 && !relative.subtract => {
-                    return Ok(Value::Now { offset: None })
-                }
-                Ok(pb::DurationUnit::Unspecified) | Err(_) => {
-                    return Err(invalid(
-                        &format!("{field}.now.unit"),
-                        "must be DAYS, HOURS or MINUTES",
-                    ))
-                }
-            };
+            let unspecified = pb::DurationUnit::Unspecified as i32;
+            if relative.unit == unspecified && relative.amount == 0 && !relative.subtract {
+                return Ok(Value::Now { offset: None });
+            }
+            let unit = duration_unit(relative.unit, &format!("{field}.now.unit"))?;
             Ok(Value::Now {
                 offset: Some(SignedDuration {
                     negative: relative.subtract,
@@ -352,6 +383,34 @@ fn predicate_to_node(predicate: &Predicate) -> pb::node::Node {
         Predicate::Segment { id } => N::Segment(pb::SegmentPredicate {
             segment_id: id.clone(),
         }),
+        Predicate::Did {
+            event,
+            at_least,
+            window,
+        } => N::Did(pb::DidPredicate {
+            event: event.clone(),
+            at_least: at_least.unwrap_or(0),
+            window: window.as_ref().map(|w| match w {
+                Window::Last(d) => pb::did_predicate::Window::Last(pb::Duration {
+                    amount: d.amount,
+                    unit: unit_to_proto(d.unit) as i32,
+                }),
+                Window::Between { start, end } => {
+                    pb::did_predicate::Window::Between(pb::TimeRange {
+                        start: Some(value_to_proto(start)),
+                        end: Some(value_to_proto(end)),
+                    })
+                }
+            }),
+        }),
+    }
+}
+
+fn unit_to_proto(unit: DurationUnit) -> pb::DurationUnit {
+    match unit {
+        DurationUnit::Days => pb::DurationUnit::Days,
+        DurationUnit::Hours => pb::DurationUnit::Hours,
+        DurationUnit::Minutes => pb::DurationUnit::Minutes,
     }
 }
 
@@ -373,16 +432,37 @@ fn value_to_proto(value: &Value) -> pb::Value {
             None => pb::RelativeTime::default(),
             Some(o) => pb::RelativeTime {
                 amount: o.duration.amount,
-                unit: match o.duration.unit {
-                    DurationUnit::Days => pb::DurationUnit::Days,
-                    DurationUnit::Hours => pb::DurationUnit::Hours,
-                    DurationUnit::Minutes => pb::DurationUnit::Minutes,
-                } as i32,
+                unit: unit_to_proto(o.duration.unit) as i32,
                 subtract: o.negative,
             },
         }),
     };
     pb::Value { kind: Some(kind) }
+}
+
+/// A batch of events; `field` names the list in errors.
+pub fn events(events: &[pb::Event], field: &str) -> Result<Vec<EventRecord>, Status> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let at = |name: &str| format!("{field}[{i}].{name}");
+            if e.user_id.is_empty() {
+                return Err(invalid(&at("user_id"), "must not be empty"));
+            }
+            if e.event.is_empty() {
+                return Err(invalid(&at("event"), "must not be empty"));
+            }
+            let ts = millis_from(e.ts.as_ref(), &at("ts"))?
+                .ok_or_else(|| invalid(&at("ts"), "is required"))?;
+            Ok(EventRecord {
+                user_id: e.user_id.clone(),
+                event: e.event.clone(),
+                ts,
+                value: e.value,
+            })
+        })
+        .collect()
 }
 
 /// A batch of user updates.

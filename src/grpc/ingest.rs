@@ -68,10 +68,32 @@ type ProgressStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImportProgress, Status>> + Send>>;
 type ProgressSender = mpsc::Sender<Result<pb::ImportProgress, Status>>;
 
+/// What an import reads.
+#[derive(Debug, Clone)]
+enum ImportKind {
+    /// A users table with its id column.
+    Users { id_column: String },
+    /// An events table.
+    Events,
+}
+
+impl ImportKind {
+    fn users(id_column: &str) -> Self {
+        let id_column = if id_column.is_empty() {
+            DEFAULT_ID_COLUMN
+        } else {
+            id_column
+        };
+        ImportKind::Users {
+            id_column: id_column.to_owned(),
+        }
+    }
+}
+
 /// One import under way: applies batches and reports progress.
 struct ImportRun {
     import: Import,
-    id_column: String,
+    kind: ImportKind,
     rows_read: u64,
     rows_total: u64,
     progress: ProgressSender,
@@ -81,7 +103,7 @@ impl ImportRun {
     async fn start(
         engine: &Engine,
         dataset: &str,
-        id_column: &str,
+        kind: ImportKind,
         rows_total: u64,
         progress: ProgressSender,
     ) -> Result<Self, Status> {
@@ -89,15 +111,12 @@ impl ImportRun {
             .begin_import(dataset)
             .await
             .map_err(|e| to_status(e, "dataset"))?;
-        import.reserve(rows_total);
-        let id_column = if id_column.is_empty() {
-            DEFAULT_ID_COLUMN
-        } else {
-            id_column
-        };
+        if matches!(kind, ImportKind::Users { .. }) {
+            import.reserve(rows_total);
+        }
         Ok(Self {
             import,
-            id_column: id_column.to_owned(),
+            kind,
             rows_read: 0,
             rows_total,
             progress,
@@ -107,13 +126,14 @@ impl ImportRun {
     async fn push(&mut self, batch: RecordBatch) -> Result<(), Status> {
         let rows = batch.num_rows() as u64;
         let first_row = self.rows_read;
-        self.import
-            .apply(ImportBatch {
-                batch,
-                id_column: self.id_column.clone(),
-            })
-            .await
-            .map_err(|e| to_status(e, &format!("rows {first_row}..{}", first_row + rows)))?;
+        let applied = match &self.kind {
+            ImportKind::Users { id_column } => {
+                let id_column = id_column.clone();
+                self.import.apply(ImportBatch { batch, id_column }).await
+            }
+            ImportKind::Events => self.import.apply_events(batch).await,
+        };
+        applied.map_err(|e| to_status(e, &format!("rows {first_row}..{}", first_row + rows)))?;
         self.rows_read += rows;
         // A caller that stopped reading progress does not stop the import.
         let _ = self.progress.try_send(Ok(self.report(false)));
@@ -128,16 +148,21 @@ impl ImportRun {
             done,
             users_created: outcome.created,
             users_updated: outcome.updated,
+            events_imported: outcome.events,
+            events_expired: outcome.expired,
         }
     }
 
-    async fn finish(self) -> Result<(), Status> {
+    async fn finish(mut self) -> Result<(), Status> {
+        self.import.settle().await.map_err(|e| to_status(e, ""))?;
         let last = self.report(true);
         self.import.commit().map_err(|e| to_status(e, ""))?;
         tracing::info!(
             rows = last.rows_read,
             created = last.users_created,
             updated = last.users_updated,
+            events = last.events_imported,
+            expired = last.events_expired,
             "import committed"
         );
         let _ = self.progress.send(Ok(last)).await;
@@ -146,21 +171,22 @@ impl ImportRun {
 }
 
 /// Decodes an Arrow IPC stream sent in arbitrary chunks and imports it.
-async fn import_stream(
+async fn import_stream<M>(
     engine: Arc<Engine>,
-    first: pb::ImportUsersRequest,
-    mut input: Streaming<pb::ImportUsersRequest>,
+    (dataset, kind, first_chunk): (String, ImportKind, Vec<u8>),
+    mut input: Streaming<M>,
+    chunk_of: fn(M) -> Vec<u8>,
     progress: ProgressSender,
 ) -> Result<(), Status> {
-    let mut run = ImportRun::start(&engine, &first.dataset, &first.id_column, 0, progress).await?;
+    let mut run = ImportRun::start(&engine, &dataset, kind, 0, progress).await?;
     let mut decoder = arrow_ipc::reader::StreamDecoder::new();
-    let mut chunk = Some(first.arrow_ipc_chunk);
+    let mut chunk = Some(first_chunk);
     let idle = Duration::from_secs(engine.limits().import_idle_secs);
     loop {
         let bytes = match chunk.take() {
             Some(bytes) => bytes,
             None => match tokio::time::timeout(idle, input.message()).await {
-                Ok(Ok(Some(message))) => message.arrow_ipc_chunk,
+                Ok(Ok(Some(message))) => chunk_of(message),
                 Ok(Ok(None)) => break,
                 Ok(Err(status)) => return Err(status),
                 Err(_) => {
@@ -205,23 +231,16 @@ fn saw_end_of_stream(decoder: &mut arrow_ipc::reader::StreamDecoder) -> bool {
 /// Imports a file the server reads itself.
 async fn import_file(
     engine: Arc<Engine>,
-    request: pb::ImportUsersFileRequest,
+    (dataset, path, kind): (String, String, ImportKind),
     progress: ProgressSender,
 ) -> Result<(), Status> {
-    let path = PathBuf::from(&request.path);
+    let path = PathBuf::from(path);
     let source = tokio::task::spawn_blocking(move || open_file(&path, FILE_BATCH_ROWS))
         .await
         .map_err(|e| to_status(EngineError::Internal(e.to_string()), ""))?
         .map_err(|e| to_status(e, "path"))?;
     let total = source.total_rows.unwrap_or(0);
-    let mut run = ImportRun::start(
-        &engine,
-        &request.dataset,
-        &request.id_column,
-        total,
-        progress,
-    )
-    .await?;
+    let mut run = ImportRun::start(&engine, &dataset, kind, total, progress).await?;
     let mut batches = source.batches;
     loop {
         let (next, rest) = tokio::task::spawn_blocking(move || (batches.next(), batches))
@@ -344,8 +363,13 @@ impl pb::ingest_service_server::IngestService for IngestApi {
             .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
         let engine = self.engine.clone();
+        let start = (
+            first.dataset,
+            ImportKind::users(&first.id_column),
+            first.arrow_ipc_chunk,
+        );
         Ok(Response::new(spawn_import(deadline, |progress| {
-            import_stream(engine, first, input, progress)
+            import_stream(engine, start, input, |m| m.arrow_ipc_chunk, progress)
         })))
     }
 
@@ -363,8 +387,109 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         }
         self.check_import_path(&request.path)?;
         let engine = self.engine.clone();
+        let source = (
+            request.dataset,
+            request.path,
+            ImportKind::users(&request.id_column),
+        );
         Ok(Response::new(spawn_import(deadline, |progress| {
-            import_file(engine, request, progress)
+            import_file(engine, source, progress)
         })))
+    }
+
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, events = request.get_ref().events.len()))]
+    async fn record_events(
+        &self,
+        request: Request<pb::RecordEventsRequest>,
+    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let request = request.into_inner();
+        let outcome = self.record(request, "events").await?;
+        Ok(Response::new(outcome))
+    }
+
+    #[tracing::instrument(skip_all, fields(dataset, messages))]
+    async fn stream_events(
+        &self,
+        request: Request<Streaming<pb::RecordEventsRequest>>,
+    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let mut input = request.into_inner();
+        let mut total = pb::RecordEventsResponse::default();
+        let mut index = 0usize;
+        while let Some(message) = input.message().await? {
+            if index == 0 {
+                tracing::Span::current().record("dataset", message.dataset.as_str());
+            }
+            let outcome = self
+                .record(message, &format!("message {index}: events"))
+                .await?;
+            total.recorded += outcome.recorded;
+            total.expired += outcome.expired;
+            total.users_created += outcome.users_created;
+            index += 1;
+        }
+        tracing::Span::current().record("messages", index);
+        Ok(Response::new(total))
+    }
+
+    type ImportEventsStream = ProgressStream;
+
+    #[tracing::instrument(skip_all, fields(dataset))]
+    async fn import_events(
+        &self,
+        request: Request<Streaming<pb::ImportEventsRequest>>,
+    ) -> Result<Response<Self::ImportEventsStream>, Status> {
+        let deadline = deadline(&request);
+        let mut input = request.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
+        tracing::Span::current().record("dataset", first.dataset.as_str());
+        let engine = self.engine.clone();
+        let start = (first.dataset, ImportKind::Events, first.arrow_ipc_chunk);
+        Ok(Response::new(spawn_import(deadline, |progress| {
+            import_stream(engine, start, input, |m| m.arrow_ipc_chunk, progress)
+        })))
+    }
+
+    type ImportEventsFileStream = ProgressStream;
+
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, path = %request.get_ref().path))]
+    async fn import_events_file(
+        &self,
+        request: Request<pb::ImportEventsFileRequest>,
+    ) -> Result<Response<Self::ImportEventsFileStream>, Status> {
+        let deadline = deadline(&request);
+        let request = request.into_inner();
+        if request.path.is_empty() {
+            return Err(invalid("path", "must not be empty"));
+        }
+        self.check_import_path(&request.path)?;
+        let engine = self.engine.clone();
+        let source = (request.dataset, request.path, ImportKind::Events);
+        Ok(Response::new(spawn_import(deadline, |progress| {
+            import_file(engine, source, progress)
+        })))
+    }
+}
+
+impl IngestApi {
+    /// Records one batch of events; `field` prefixes error fields.
+    async fn record(
+        &self,
+        request: pb::RecordEventsRequest,
+        field: &str,
+    ) -> Result<pb::RecordEventsResponse, Status> {
+        let events = super::convert::events(&request.events, field)?;
+        let outcome = self
+            .engine
+            .apply(&request.dataset, Change::RecordEvents(events))
+            .await
+            .map_err(|e| to_status(e, field))?;
+        Ok(pb::RecordEventsResponse {
+            recorded: outcome.events,
+            expired: outcome.expired,
+            users_created: outcome.created,
+        })
     }
 }

@@ -53,6 +53,8 @@ pub struct Services {
     pub max_message_bytes: usize,
     /// When set, `ImportUsersFile` reads only files inside this directory.
     pub import_dir: Option<std::path::PathBuf>,
+    /// How often segments with moving time windows are brought up to date.
+    pub time_refresh: std::time::Duration,
 }
 
 /// Why the server stopped with an error.
@@ -118,6 +120,7 @@ pub async fn serve(
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 
+    let ticker = tokio::spawn(advance_time(services.engine.clone(), services.time_refresh));
     let ready_reporter = reporter.clone();
     tokio::spawn(async move {
         ready.await;
@@ -129,7 +132,7 @@ pub async fn serve(
         set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         tracing::info!("shutting down");
     };
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             status::precise_transport_codes,
         ))
@@ -140,6 +143,21 @@ pub async fn serve(
         .add_service(ingest)
         .add_service(schema)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    ticker.abort();
+    served?;
     Ok(())
+}
+
+/// Brings time-windowed segments up to date every `period`, for as long as the server runs.
+async fn advance_time(engine: Arc<Engine>, period: std::time::Duration) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let span = tracing::info_span!("advance_time");
+        if let Err(error) = tracing::Instrument::instrument(engine.advance_time(), span).await {
+            tracing::warn!(%error, "time-driven segment refresh failed; retrying next period");
+        }
+    }
 }

@@ -55,7 +55,9 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
                 dataset: name,
                 user_count: state.live.len(),
                 attributes,
-                event_names: Vec::new(),
+                event_names: state.events.names().map(|(n, _)| n.to_owned()).collect(),
+                event_counts: state.events.names().map(|(_, c)| c).collect(),
+                event_retention_days: (state.retention_ms() / crate::index::events::DAY_MS) as u32,
                 segment_count: state.segments.len() as u64,
             }))
         })
@@ -84,6 +86,25 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
             .await
             .map_err(|e| to_status(e, "attributes"))?;
         Ok(Response::new(pb::DeclareAttributesResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, days = request.get_ref().days))]
+    async fn set_event_retention(
+        &self,
+        request: Request<pb::SetEventRetentionRequest>,
+    ) -> Result<Response<pb::SetEventRetentionResponse>, Status> {
+        let request = request.into_inner();
+        if request.days == 0 {
+            return Err(super::status::invalid("days", "must be at least 1"));
+        }
+        self.engine
+            .apply(
+                &request.dataset,
+                Change::SetRetention { days: request.days },
+            )
+            .await
+            .map_err(|e| to_status(e, "days"))?;
+        Ok(Response::new(pb::SetEventRetentionResponse {}))
     }
 
     #[tracing::instrument(skip_all)]

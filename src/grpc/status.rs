@@ -29,6 +29,7 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::InvalidSegmentId(_)
         | EngineError::SegmentCycle(_)
         | EngineError::Key(_)
+        | EngineError::InvalidEvent { .. }
         | EngineError::Import(_)
         | EngineError::UnsupportedColumn { .. }
         | EngineError::Arrow(_)

@@ -7,6 +7,7 @@ pub mod attribute;
 pub mod bitmap;
 pub mod chunked;
 pub mod dictionary;
+pub mod events;
 pub mod keys;
 pub mod membership;
 pub mod numeric;

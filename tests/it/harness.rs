@@ -66,6 +66,8 @@ pub struct ServerOptions {
     pub clock: Arc<dyn Clock>,
     pub max_message_bytes: usize,
     pub import_dir: Option<std::path::PathBuf>,
+    /// Period of the time-driven segment refresh.
+    pub time_refresh: std::time::Duration,
 }
 
 impl Default for ServerOptions {
@@ -75,6 +77,7 @@ impl Default for ServerOptions {
             clock: FixedClock::new(JAN_1_2026),
             max_message_bytes: 64 * 1024 * 1024,
             import_dir: None,
+            time_refresh: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -92,6 +95,11 @@ impl ServerOptions {
 
     pub fn import_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.import_dir = Some(dir);
+        self
+    }
+
+    pub fn time_refresh(mut self, period: std::time::Duration) -> Self {
+        self.time_refresh = period;
         self
     }
 
@@ -144,6 +152,7 @@ impl TestServer {
             engine: engine.clone(),
             max_message_bytes: options.max_message_bytes,
             import_dir: options.import_dir.clone(),
+            time_refresh: options.time_refresh,
         };
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

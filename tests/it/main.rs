@@ -9,3 +9,4 @@ mod grpc_segments;
 mod harness;
 mod model;
 mod properties;
+mod properties_events;

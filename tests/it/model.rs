@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use audience::engine::{AttributeChange, AttributeValue, ChangeOp, UserUpdate};
-use audience::expr::{CompareOp, Expr, Literal, Predicate, Value};
+use audience::engine::{AttributeChange, AttributeValue, ChangeOp, EventRecord, UserUpdate};
+use audience::expr::{CompareOp, Expr, Literal, Predicate, Value, Window};
 use audience::time::{parse_rfc3339, Millis};
 
 /// One attribute value of one user.
@@ -23,6 +23,10 @@ pub enum Cell {
 pub struct Model {
     pub users: BTreeMap<String, BTreeMap<String, Cell>>,
     pub segments: BTreeMap<String, Expr>,
+    /// Every retained event, as recorded: (user, event name, timestamp).
+    pub events: Vec<(String, String, Millis)>,
+    /// Events before this instant are gone (retention); `None` keeps everything.
+    pub cutoff: Option<Millis>,
 }
 
 impl Model {
@@ -74,30 +78,78 @@ impl Model {
         for id in ids {
             self.users.remove(id);
         }
+        self.events.retain(|(user, _, _)| !ids.contains(user));
+    }
+
+    /// Records events: unknown users are created; events before the cutoff are dropped.
+    pub fn record(&mut self, events: &[EventRecord]) {
+        for e in events {
+            self.users.entry(e.user_id.clone()).or_default();
+            if self.cutoff.is_none_or(|c| e.ts >= c) {
+                self.events.push((e.user_id.clone(), e.event.clone(), e.ts));
+            }
+        }
+    }
+
+    /// Forgets events before `cutoff` (the cutoff never moves back).
+    pub fn retain_from(&mut self, cutoff: Millis) {
+        let cutoff = self.cutoff.map_or(cutoff, |c| c.max(cutoff));
+        self.cutoff = Some(cutoff);
+        self.events.retain(|(_, _, ts)| *ts >= cutoff);
+    }
+
+    /// How many of `user`'s events named `event` fall in `[start, end)`.
+    fn count_events(&self, user: &str, event: &str, start: Millis, end: Millis) -> u64 {
+        self.events
+            .iter()
+            .filter(|(u, e, ts)| u == user && e == event && start <= *ts && *ts < end)
+            .count() as u64
     }
 
     /// The ids matching `expr` at `as_of`.
     pub fn select(&self, expr: &Expr, as_of: Millis) -> BTreeSet<String> {
         self.users
             .iter()
-            .filter(|(_, row)| self.matches(expr, row, as_of))
+            .filter(|(id, row)| self.matches(expr, id, row, as_of))
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    fn matches(&self, expr: &Expr, row: &BTreeMap<String, Cell>, as_of: Millis) -> bool {
+    fn matches(&self, expr: &Expr, id: &str, row: &BTreeMap<String, Cell>, as_of: Millis) -> bool {
         match expr {
-            Expr::And(children) => children.iter().all(|c| self.matches(c, row, as_of)),
-            Expr::Or(children) => children.iter().any(|c| self.matches(c, row, as_of)),
-            Expr::Not(child) => !self.matches(child, row, as_of),
-            Expr::Predicate(p) => self.predicate(p, row, as_of),
+            Expr::And(children) => children.iter().all(|c| self.matches(c, id, row, as_of)),
+            Expr::Or(children) => children.iter().any(|c| self.matches(c, id, row, as_of)),
+            Expr::Not(child) => !self.matches(child, id, row, as_of),
+            Expr::Predicate(p) => self.predicate(p, id, row, as_of),
         }
     }
 
-    fn predicate(&self, p: &Predicate, row: &BTreeMap<String, Cell>, as_of: Millis) -> bool {
+    fn predicate(
+        &self,
+        p: &Predicate,
+        id: &str,
+        row: &BTreeMap<String, Cell>,
+        as_of: Millis,
+    ) -> bool {
         let cell = |name: &String| row.get(name);
         match p {
-            Predicate::Segment { id } => self.matches(&self.segments[id], row, as_of),
+            Predicate::Segment { id: segment } => {
+                self.matches(&self.segments[segment], id, row, as_of)
+            }
+            Predicate::Did {
+                event,
+                at_least,
+                window,
+            } => {
+                let (start, end) = match window {
+                    None => (Millis::MIN, Millis::MAX),
+                    Some(Window::Last(d)) => (as_of.saturating_sub(d.as_millis()), as_of),
+                    Some(Window::Between { start, end }) => {
+                        (instant(start, as_of), instant(end, as_of))
+                    }
+                };
+                self.count_events(id, event, start, end) >= at_least.unwrap_or(1)
+            }
             Predicate::IsNull { attribute, negated } => cell(attribute).is_none() != *negated,
             Predicate::Equals {
                 attribute,
@@ -137,6 +189,18 @@ impl Model {
                 compare(c, CompareOp::Ge, low, as_of) && compare(c, CompareOp::Le, high, as_of)
             }),
         }
+    }
+}
+
+/// A DID window bound as an instant.
+fn instant(value: &Value, as_of: Millis) -> Millis {
+    match value {
+        Value::Now { offset } => as_of.saturating_add(offset.map_or(0, |o| o.as_millis())),
+        Value::Literal(Literal::Int(ms)) => *ms,
+        Value::Literal(Literal::String(s)) => {
+            parse_rfc3339(s).unwrap_or_else(|e| panic!("model: bad window bound {s:?}: {e}"))
+        }
+        other => panic!("model: {other:?} is not a window bound"),
     }
 }
 

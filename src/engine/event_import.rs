@@ -1,0 +1,266 @@
+//! Arrow record batches of an events table in: `user_id`, `event`, `ts` and an optional
+//! numeric `value` (checked, not stored: no predicate reads it yet).
+//!
+//! Ids and names usually arrive dictionary-encoded, so each distinct value is resolved once per
+//! batch, not once per row. Events are staged, grouped by name and day, and merged into the
+//! index once at the end of the import, so that a day's bucket is rebuilt once, not per batch.
+
+use std::collections::HashMap;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::TimestampMillisecondType;
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, TimeUnit};
+
+use super::change::ChangeOutcome;
+use super::error::{EngineError, Result};
+use super::events::validate_event_name;
+use super::import::strict_cast;
+use super::state::DatasetState;
+use crate::index::events::{day_of, pack, EventBatch, PackedEvent};
+use crate::index::keys::DenseId;
+use crate::index::Bitmap;
+use crate::time::Millis;
+
+/// The columns of an events table.
+pub const USER_COLUMN: &str = "user_id";
+pub const EVENT_COLUMN: &str = "event";
+pub const TS_COLUMN: &str = "ts";
+pub const VALUE_COLUMN: &str = "value";
+
+/// Events read but not yet in the index.
+#[derive(Debug, Default)]
+pub struct StagedEvents {
+    pub batch: EventBatch,
+    /// Users with a staged event.
+    pub touched: Bitmap,
+}
+
+/// Reads one batch into `staged`, creating unknown users in `state`; events before `cutoff`
+/// are counted as expired and dropped.
+///
+/// # Errors
+/// A missing, null or mistyped column, an extra column, or an invalid id or name, naming the
+/// column and row.
+pub fn stage_batch(
+    state: &mut DatasetState,
+    batch: &RecordBatch,
+    cutoff: Millis,
+    staged: &mut StagedEvents,
+) -> Result<ChangeOutcome> {
+    let schema = batch.schema();
+    for field in schema.fields() {
+        let name = field.name().as_str();
+        if ![USER_COLUMN, EVENT_COLUMN, TS_COLUMN, VALUE_COLUMN].contains(&name) {
+            return Err(EngineError::Import(format!(
+                "column '{name}' is not part of an events table (user_id, event, ts, value)"
+            )));
+        }
+    }
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| EngineError::Import(format!("the events table has no '{name}' column")))
+    };
+    let (users, mut outcome) = user_ids(state, column(USER_COLUMN)?)?;
+    let (names, codes) = event_codes(column(EVENT_COLUMN)?)?;
+    let times = timestamps(column(TS_COLUMN)?)?;
+    if let Some(values) = batch.column_by_name(VALUE_COLUMN) {
+        check_values(values)?;
+    }
+    let mut groups: Vec<HashMap<i64, Vec<PackedEvent>>> = vec![HashMap::new(); names.len()];
+    for row in 0..batch.num_rows() {
+        let ts = times.value(row);
+        // A user created by an expired event still exists, and can enter a NOT segment.
+        staged.touched.insert(users[row]);
+        if ts < cutoff {
+            outcome.expired += 1;
+            continue;
+        }
+        let (day, offset) = day_of(ts);
+        let code = codes[row] as usize;
+        groups[code]
+            .entry(day)
+            .or_default()
+            .push(pack(users[row], offset));
+        outcome.events += 1;
+    }
+    for (name, days) in names.into_iter().zip(groups) {
+        let series = staged.batch.entry(name).or_default();
+        for (day, events) in days {
+            series.entry(day).or_default().extend(events);
+        }
+    }
+    Ok(outcome)
+}
+
+/// The dense id of every row, creating unknown users; a dictionary value is resolved once.
+fn user_ids(state: &mut DatasetState, column: &ArrayRef) -> Result<(Vec<DenseId>, ChangeOutcome)> {
+    if column.null_count() > 0 {
+        let row = (0..column.len()).find(|&r| column.is_null(r)).unwrap_or(0);
+        return Err(EngineError::Import(format!(
+            "row {row}: column '{USER_COLUMN}' is null"
+        )));
+    }
+    let mut outcome = ChangeOutcome::default();
+    let mut created = Vec::new();
+    let mut resolve = |key: &str, row: usize| -> Result<DenseId> {
+        let (id, new) = state
+            .keys
+            .get_or_insert(key)
+            .map_err(|e| EngineError::Import(format!("row {row}: {e}")))?;
+        if new {
+            outcome.created += 1;
+            created.push(id);
+        }
+        Ok(id)
+    };
+    let ids = if let Some(dict) = column.as_any_dictionary_opt() {
+        let values = strings(USER_COLUMN, dict.values())?;
+        let mut resolved: Vec<Option<DenseId>> = vec![None; values.len()];
+        let keys = dict.normalized_keys();
+        let mut ids = Vec::with_capacity(keys.len());
+        for (row, &key) in keys.iter().enumerate() {
+            let id = match resolved.get(key).copied().flatten() {
+                Some(id) => id,
+                None => {
+                    let id = resolve(values.value(key), row)?;
+                    if let Some(slot) = resolved.get_mut(key) {
+                        *slot = Some(id);
+                    }
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        ids
+    } else {
+        let values = strings(USER_COLUMN, column)?;
+        let mut ids = Vec::with_capacity(values.len());
+        for row in 0..values.len() {
+            ids.push(resolve(values.value(row), row)?);
+        }
+        ids
+    };
+    crate::index::attribute::update_set(&mut state.live, &created, &[]);
+    Ok((ids, outcome))
+}
+
+/// A string (or integer) column as strings.
+fn strings(name: &str, array: &ArrayRef) -> Result<StringArray> {
+    let is_text_or_int = matches!(
+        array.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    ) || array.data_type().is_integer();
+    if !is_text_or_int {
+        return Err(EngineError::Import(format!(
+            "column '{name}' has type {}; use strings",
+            array.data_type()
+        )));
+    }
+    let cast = strict_cast(name, array, &DataType::Utf8)?;
+    Ok(cast.as_string::<i32>().clone())
+}
+
+/// Distinct event names and each row's index into them.
+fn event_codes(column: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
+    let null_row = (0..column.len()).find(|&r| column.is_null(r));
+    if let Some(row) = null_row {
+        return Err(EngineError::Import(format!(
+            "row {row}: column '{EVENT_COLUMN}' is null"
+        )));
+    }
+    let mut names = Vec::new();
+    let mut index: HashMap<String, u32> = HashMap::new();
+    let mut code_of = |name: &str, row: usize| -> Result<u32> {
+        if let Some(&code) = index.get(name) {
+            return Ok(code);
+        }
+        validate_event_name(name)
+            .map_err(|reason| EngineError::Import(format!("row {row}: {reason}")))?;
+        let code = names.len() as u32;
+        names.push(name.to_owned());
+        index.insert(name.to_owned(), code);
+        Ok(code)
+    };
+    let codes = if let Some(dict) = column.as_any_dictionary_opt() {
+        let values = strings(EVENT_COLUMN, dict.values())?;
+        let mut value_codes: Vec<Option<u32>> = vec![None; values.len()];
+        let keys = dict.normalized_keys();
+        let mut codes = Vec::with_capacity(keys.len());
+        for (row, &key) in keys.iter().enumerate() {
+            let code = match value_codes.get(key).copied().flatten() {
+                Some(code) => code,
+                None => {
+                    let code = code_of(values.value(key), row)?;
+                    if let Some(slot) = value_codes.get_mut(key) {
+                        *slot = Some(code);
+                    }
+                    code
+                }
+            };
+            codes.push(code);
+        }
+        codes
+    } else {
+        let values = strings(EVENT_COLUMN, column)?;
+        let mut codes = Vec::with_capacity(values.len());
+        for row in 0..values.len() {
+            codes.push(code_of(values.value(row), row)?);
+        }
+        codes
+    };
+    Ok((names, codes))
+}
+
+/// The `ts` column in epoch milliseconds: a timestamp of any unit, a date, or integers taken
+/// as milliseconds.
+fn timestamps(column: &ArrayRef) -> Result<arrow_array::TimestampMillisecondArray> {
+    if let Some(row) = (0..column.len()).find(|&r| column.is_null(r)) {
+        return Err(EngineError::Import(format!(
+            "row {row}: column '{TS_COLUMN}' is null"
+        )));
+    }
+    let usable = matches!(
+        column.data_type(),
+        DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64
+    ) || column.data_type().is_integer();
+    if !usable {
+        return Err(EngineError::Import(format!(
+            "column '{TS_COLUMN}' has type {}; use a timestamp, a date or epoch milliseconds",
+            column.data_type()
+        )));
+    }
+    let plain = match column.data_type() {
+        // Integers are milliseconds; go through Int64 so that the cast keeps the number.
+        t if t.is_integer() => strict_cast(TS_COLUMN, column, &DataType::Int64)?,
+        _ => column.clone(),
+    };
+    let cast = strict_cast(
+        TS_COLUMN,
+        &plain,
+        &DataType::Timestamp(TimeUnit::Millisecond, None),
+    )?;
+    Ok(cast.as_primitive::<TimestampMillisecondType>().clone())
+}
+
+/// The optional `value` column must be numeric and finite where present.
+fn check_values(column: &ArrayRef) -> Result<()> {
+    let numeric = column.data_type().is_numeric();
+    if !numeric {
+        return Err(EngineError::Import(format!(
+            "column '{VALUE_COLUMN}' has type {}; use numbers",
+            column.data_type()
+        )));
+    }
+    let floats = strict_cast(VALUE_COLUMN, column, &DataType::Float64)?;
+    let floats = floats.as_primitive::<arrow_array::types::Float64Type>();
+    if let Some(row) =
+        (0..floats.len()).find(|&r| floats.is_valid(r) && !floats.value(r).is_finite())
+    {
+        return Err(EngineError::Import(format!(
+            "row {row}: column '{VALUE_COLUMN}' is not a finite number"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,557 @@
+//! Behaviour events: per event name, one bucket per UTC day, each holding who did it that day
+//! (a bitmap), how many times (per-user counts), and when (compact millisecond offsets).
+//!
+//! A window `[start, end)` covers whole days and at most two partial days at its edges. Whole
+//! days answer from their aggregates alone: a bitmap union for "did", per-user counts summed
+//! for "at least k times". Only the edge days read event times, and only the offsets of the
+//! users in them, so a window is exact to the millisecond at any instant while the work grows
+//! with the days in it, not with the events.
+//!
+//! Per bucket, users are sorted and their times sorted within each user, so that one user's
+//! events are a contiguous run: `times[ends[i-1]..ends[i]]` belongs to `ids[i]`.
+//!
+//! Memory per event: 4 bytes of time offset, plus per (user, day) pair 8 bytes of id and run end
+//! and about 2 bytes of bitmap; events of one user on one day share the pair.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::bitmap::union_all;
+use super::keys::DenseId;
+use super::Bitmap;
+use crate::time::Millis;
+
+/// Milliseconds in one bucket: one UTC day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// One event packed for sorting: the user in the high half, the offset in its day in the low.
+pub type PackedEvent = u64;
+
+/// Packs a user and a millisecond offset within a day.
+pub fn pack(user: DenseId, offset: u32) -> PackedEvent {
+    (u64::from(user) << 32) | u64::from(offset)
+}
+
+fn unpack(event: PackedEvent) -> (DenseId, u32) {
+    ((event >> 32) as DenseId, event as u32)
+}
+
+/// The day of an instant, and the instant's offset within it.
+pub fn day_of(ts: Millis) -> (i64, u32) {
+    (ts.div_euclid(DAY_MS), ts.rem_euclid(DAY_MS) as u32)
+}
+
+/// One event name's events on one day.
+#[derive(Debug, Clone, Default)]
+pub struct DayBucket {
+    /// Users with at least one event that day.
+    users: Bitmap,
+    /// The same users, ascending, to walk beside `ends`.
+    ids: Vec<DenseId>,
+    /// `ends[i]`: one past the last event of `ids[i]` in `times`.
+    ends: Vec<u32>,
+    /// Milliseconds since the day's start, ascending within each user's run.
+    times: Vec<u32>,
+}
+
+impl DayBucket {
+    /// A bucket from events sorted ascending (user, then offset).
+    fn from_sorted(events: &[PackedEvent]) -> Self {
+        let mut ids = Vec::new();
+        let mut ends = Vec::new();
+        let mut times = Vec::with_capacity(events.len());
+        for &event in events {
+            let (user, offset) = unpack(event);
+            if ids.last() != Some(&user) {
+                if !ids.is_empty() {
+                    ends.push(times.len() as u32);
+                }
+                ids.push(user);
+            }
+            times.push(offset);
+        }
+        if !ids.is_empty() {
+            ends.push(times.len() as u32);
+        }
+        let users = Bitmap::from_sorted_iter(ids.iter().copied()).unwrap_or_default();
+        ids.shrink_to_fit();
+        ends.shrink_to_fit();
+        Self {
+            users,
+            ids,
+            ends,
+            times,
+        }
+    }
+
+    /// Every event, packed and sorted.
+    fn packed(&self) -> Vec<PackedEvent> {
+        let mut out = Vec::with_capacity(self.times.len());
+        for (i, &user) in self.ids.iter().enumerate() {
+            out.extend(self.run(i).iter().map(|&t| pack(user, t)));
+        }
+        out
+    }
+
+    /// The times of the `i`-th user.
+    fn run(&self, i: usize) -> &[u32] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.times[start..self.ends[i] as usize]
+    }
+
+    /// This bucket with `events` (sorted) added.
+    fn merged(&self, events: &[PackedEvent]) -> Self {
+        let old = self.packed();
+        let mut all = Vec::with_capacity(old.len() + events.len());
+        let (mut a, mut b) = (old.iter().peekable(), events.iter().peekable());
+        while let (Some(&&x), Some(&&y)) = (a.peek(), b.peek()) {
+            if x <= y {
+                all.push(x);
+                a.next();
+            } else {
+                all.push(y);
+                b.next();
+            }
+        }
+        all.extend(a);
+        all.extend(b);
+        Self::from_sorted(&all)
+    }
+
+    /// This bucket without `users`' events, or `None` when nothing is left.
+    fn without(&self, users: &Bitmap) -> Option<Self> {
+        let kept: Vec<PackedEvent> = self
+            .packed()
+            .into_iter()
+            .filter(|&e| !users.contains(unpack(e).0))
+            .collect();
+        (!kept.is_empty()).then(|| Self::from_sorted(&kept))
+    }
+
+    /// Events of the `i`-th user with an offset in `[lo, hi)`.
+    fn count_run(&self, i: usize, lo: u32, hi: u32) -> u32 {
+        let run = self.run(i);
+        if lo == 0 && hi as i64 >= DAY_MS {
+            return run.len() as u32;
+        }
+        let from = run.partition_point(|&t| t < lo);
+        let to = run.partition_point(|&t| t < hi);
+        (to - from) as u32
+    }
+
+    /// Events of `user` with an offset in `[lo, hi)`.
+    fn count_of(&self, user: DenseId, lo: u32, hi: u32) -> u32 {
+        match self.ids.binary_search(&user) {
+            Ok(i) => self.count_run(i, lo, hi),
+            Err(_) => 0,
+        }
+    }
+
+    /// Users with an event in `[lo, hi)`.
+    fn users_in(&self, lo: u32, hi: u32) -> Bitmap {
+        let ids = self
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.count_run(i, lo, hi) > 0)
+            .map(|(_, &user)| user);
+        Bitmap::from_sorted_iter(ids).unwrap_or_default()
+    }
+
+    fn events(&self) -> u64 {
+        self.times.len() as u64
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.users.serialized_size()
+            + 4 * (self.ids.capacity() + self.ends.capacity() + self.times.capacity())
+    }
+}
+
+/// The part of one day a window covers: offsets `[lo, hi)`.
+#[derive(Debug, Clone, Copy)]
+struct DaySpan {
+    lo: u32,
+    hi: u32,
+}
+
+impl DaySpan {
+    fn is_whole(self) -> bool {
+        self.lo == 0 && i64::from(self.hi) >= DAY_MS
+    }
+}
+
+/// Every event of one name, by day.
+#[derive(Debug, Clone, Default)]
+pub struct EventSeries {
+    days: BTreeMap<i64, Arc<DayBucket>>,
+    events: u64,
+}
+
+/// A time window, half-open: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub start: Millis,
+    pub end: Millis,
+}
+
+impl EventSeries {
+    /// Events held.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Adds events of one day, sorted ascending.
+    fn add_day(&mut self, day: i64, events: &[PackedEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        let bucket = match self.days.get(&day) {
+            Some(existing) => existing.merged(events),
+            None => DayBucket::from_sorted(events),
+        };
+        self.events += events.len() as u64;
+        self.days.insert(day, Arc::new(bucket));
+    }
+
+    /// The buckets a window touches, with the part of each it covers.
+    fn spans(&self, window: TimeWindow) -> impl Iterator<Item = (&DayBucket, DaySpan)> {
+        let first = window.start.div_euclid(DAY_MS);
+        let last = window.end.saturating_sub(1).div_euclid(DAY_MS);
+        use std::ops::Bound::{Excluded, Included};
+        let range = if window.start < window.end {
+            (Included(first), Included(last))
+        } else {
+            (Included(0), Excluded(0))
+        };
+        self.days.range(range).map(move |(&day, bucket)| {
+            let day_start = day * DAY_MS;
+            let lo = window.start.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
+            let hi = window.end.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
+            (&**bucket, DaySpan { lo, hi })
+        })
+    }
+
+    /// Users with at least `k` events in `window`, among `within` when given.
+    pub fn select(&self, window: TimeWindow, k: u64, within: Option<&Bitmap>) -> Bitmap {
+        if window.start >= window.end || k == 0 {
+            return Bitmap::new();
+        }
+        let pairs: u64 = self.spans(window).map(|(b, _)| b.ids.len() as u64).sum();
+        match within {
+            // A few users (a write's touched users) are looked up one by one.
+            Some(scope) if scope.len().saturating_mul(64) < pairs => {
+                self.select_each(window, k, scope)
+            }
+            Some(scope) => self.select_all(window, k) & scope,
+            None => self.select_all(window, k),
+        }
+    }
+
+    fn select_all(&self, window: TimeWindow, k: u64) -> Bitmap {
+        if k == 1 {
+            return self.select_any(window);
+        }
+        let Ok(k) = u32::try_from(k) else {
+            return Bitmap::new();
+        };
+        let bound = self
+            .days
+            .values()
+            .filter_map(|b| b.ids.last())
+            .max()
+            .map_or(0, |&max| max as usize + 1);
+        // Counts add up in a dense array, allocated zeroed (lazily, by the OS); a user is
+        // recorded the moment its count reaches k, so no pass over the array is needed.
+        let mut counts = vec![0u32; bound];
+        let mut reached = Vec::new();
+        for (bucket, span) in self.spans(window) {
+            let whole = span.is_whole();
+            let mut start = 0u32;
+            for (i, (&user, &end)) in bucket.ids.iter().zip(&bucket.ends).enumerate() {
+                let n = if whole {
+                    end - start
+                } else {
+                    bucket.count_run(i, span.lo, span.hi)
+                };
+                start = end;
+                if n == 0 {
+                    continue;
+                }
+                let slot = &mut counts[user as usize];
+                let before = *slot;
+                *slot = before.saturating_add(n);
+                if before < k && *slot >= k {
+                    reached.push(user);
+                }
+            }
+        }
+        reached.sort_unstable();
+        Bitmap::from_sorted_iter(reached).unwrap_or_default()
+    }
+
+    fn select_any(&self, window: TimeWindow) -> Bitmap {
+        let mut partial = Vec::new();
+        let mut whole = Vec::new();
+        for (bucket, span) in self.spans(window) {
+            if span.is_whole() {
+                whole.push(&bucket.users);
+            } else {
+                partial.push(bucket.users_in(span.lo, span.hi));
+            }
+        }
+        union_all(whole.into_iter().chain(partial.iter()))
+    }
+
+    fn select_each(&self, window: TimeWindow, k: u64, scope: &Bitmap) -> Bitmap {
+        let spans: Vec<_> = self.spans(window).collect();
+        let matches = scope.iter().filter(|&user| {
+            let mut total = 0u64;
+            for (bucket, span) in &spans {
+                if bucket.users.contains(user) {
+                    total += u64::from(bucket.count_of(user, span.lo, span.hi));
+                    if total >= k {
+                        return true;
+                    }
+                }
+            }
+            false
+        });
+        Bitmap::from_sorted_iter(matches).unwrap_or_default()
+    }
+
+    /// An upper bound of the users any window selects: everyone with an event in it.
+    pub fn estimate(&self, window: TimeWindow) -> u64 {
+        self.spans(window).map(|(b, _)| b.users.len()).sum()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.days.values().map(|b| b.heap_bytes()).sum::<usize>() + self.days.len() * 48
+    }
+}
+
+/// Every event of one dataset.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    series: BTreeMap<String, Arc<EventSeries>>,
+    /// Events before this instant are dropped (retention) and never match.
+    cutoff: Millis,
+}
+
+/// Events grouped for one write: name → day → packed events (any order).
+pub type EventBatch = BTreeMap<String, BTreeMap<i64, Vec<PackedEvent>>>;
+
+impl Default for EventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventStore {
+    /// An empty store that keeps everything.
+    pub fn new() -> Self {
+        Self {
+            series: BTreeMap::new(),
+            cutoff: Millis::MIN,
+        }
+    }
+
+    /// The first instant still retained.
+    pub fn cutoff(&self) -> Millis {
+        self.cutoff
+    }
+
+    /// One event name's series.
+    pub fn series(&self, name: &str) -> Option<&Arc<EventSeries>> {
+        self.series.get(name)
+    }
+
+    /// Every event name with its number of events.
+    pub fn names(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.series.iter().map(|(n, s)| (n.as_str(), s.events))
+    }
+
+    /// Total events held.
+    pub fn events(&self) -> u64 {
+        self.series.values().map(|s| s.events).sum()
+    }
+
+    /// Adds a batch; events before the cutoff must already be filtered out.
+    pub fn add(&mut self, batch: EventBatch) {
+        for (name, days) in batch {
+            let series = Arc::make_mut(self.series.entry(name).or_default());
+            for (day, mut events) in days {
+                events.sort_unstable();
+                series.add_day(day, &events);
+            }
+        }
+    }
+
+    /// Drops every event before `cutoff` (it never moves back). Whole days go at once; the
+    /// day holding the cutoff keeps its earlier events, masked by [`Self::clamp`], until it
+    /// ends.
+    pub fn retain_from(&mut self, cutoff: Millis) {
+        if cutoff <= self.cutoff {
+            return;
+        }
+        self.cutoff = cutoff;
+        let first_kept = cutoff.div_euclid(DAY_MS);
+        self.series.retain(|_, series| {
+            if series
+                .days
+                .first_key_value()
+                .is_some_and(|(&d, _)| d < first_kept)
+            {
+                let series = Arc::make_mut(series);
+                let kept = series.days.split_off(&first_kept);
+                let dropped: u64 = series.days.values().map(|b| b.events()).sum();
+                series.days = kept;
+                series.events -= dropped;
+            }
+            !series.days.is_empty()
+        });
+    }
+
+    /// A window limited to retained time.
+    pub fn clamp(&self, window: TimeWindow) -> TimeWindow {
+        TimeWindow {
+            start: window.start.max(self.cutoff),
+            end: window.end,
+        }
+    }
+
+    /// Removes every event of `users`.
+    pub fn remove_users(&mut self, users: &Bitmap) {
+        if users.is_empty() {
+            return;
+        }
+        self.series.retain(|_, series| {
+            let hit: Vec<i64> = series
+                .days
+                .iter()
+                .filter(|(_, b)| !b.users.is_disjoint(users))
+                .map(|(&d, _)| d)
+                .collect();
+            if !hit.is_empty() {
+                let series = Arc::make_mut(series);
+                for day in hit {
+                    let Some(bucket) = series.days.remove(&day) else {
+                        continue;
+                    };
+                    series.events -= bucket.events();
+                    if let Some(kept) = bucket.without(users) {
+                        series.events += kept.events();
+                        series.days.insert(day, Arc::new(kept));
+                    }
+                }
+            }
+            !series.days.is_empty()
+        });
+    }
+
+    /// Users with any event in `window` (retained or not), of any name: the users whose
+    /// windows can change when an edge sweeps over it.
+    pub fn users_in(&self, names: &[&str], window: TimeWindow) -> Bitmap {
+        let parts: Vec<Bitmap> = names
+            .iter()
+            .filter_map(|n| self.series.get(*n))
+            .map(|s| s.select(window, 1, None))
+            .collect();
+        union_all(&parts)
+    }
+
+    /// Bytes held on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.series.values().map(|s| s.heap_bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(events: &[(DenseId, &str, Millis)]) -> EventStore {
+        let mut batch = EventBatch::new();
+        for &(user, name, ts) in events {
+            let (day, offset) = day_of(ts);
+            batch
+                .entry(name.to_owned())
+                .or_default()
+                .entry(day)
+                .or_default()
+                .push(pack(user, offset));
+        }
+        let mut store = EventStore::new();
+        store.add(batch);
+        store
+    }
+
+    fn ids(set: &Bitmap) -> Vec<u32> {
+        set.iter().collect()
+    }
+
+    #[test]
+    fn windows_are_half_open_and_exact_at_the_millisecond() {
+        let s = store(&[(1, "buy", DAY_MS - 1), (2, "buy", DAY_MS), (3, "buy", -1)]);
+        let buy = s.series("buy").cloned().unwrap_or_default();
+        let w = |start, end| TimeWindow { start, end };
+        assert_eq!(ids(&buy.select(w(DAY_MS - 1, DAY_MS), 1, None)), [1]);
+        assert_eq!(ids(&buy.select(w(DAY_MS - 1, DAY_MS + 1), 1, None)), [1, 2]);
+        assert_eq!(ids(&buy.select(w(-1, DAY_MS), 1, None)), [1, 3]);
+        assert!(buy.select(w(DAY_MS, DAY_MS), 1, None).is_empty());
+        let scope: Bitmap = [2, 3].into_iter().collect();
+        assert_eq!(
+            ids(&buy.select(w(-DAY_MS, 2 * DAY_MS), 1, Some(&scope))),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn at_least_counts_events_across_days_and_edges() {
+        let s = store(&[
+            (7, "view", 10),
+            (7, "view", 10),
+            (7, "view", DAY_MS + 5),
+            (8, "view", DAY_MS + 5),
+            (8, "view", 3 * DAY_MS - 1),
+        ]);
+        let view = s.series("view").cloned().unwrap_or_default();
+        let w = |start, end| TimeWindow { start, end };
+        assert_eq!(ids(&view.select(w(0, 3 * DAY_MS), 3, None)), [7]);
+        assert_eq!(ids(&view.select(w(0, 3 * DAY_MS), 2, None)), [7, 8]);
+        assert_eq!(ids(&view.select(w(11, 3 * DAY_MS), 2, None)), [8]);
+        let one: Bitmap = [7].into_iter().collect();
+        assert_eq!(ids(&view.select(w(0, 11), 2, Some(&one))), [7]);
+    }
+
+    proptest::proptest! {
+        /// The per-user path (a write's few touched users) and the bulk path agree.
+        #[test]
+        fn lookups_one_by_one_equal_the_bulk_answer(
+            events in proptest::collection::vec((0u32..30, -3 * DAY_MS..3 * DAY_MS), 0..200),
+            start in -4 * DAY_MS..4 * DAY_MS,
+            length in 0..5 * DAY_MS,
+            k in 1u64..5,
+            scope in proptest::collection::btree_set(0u32..32, 0..20),
+        ) {
+            let rows: Vec<(DenseId, &str, Millis)> =
+                events.iter().map(|&(u, ts)| (u, "e", ts)).collect();
+            let series = store(&rows).series("e").cloned().unwrap_or_default();
+            let window = TimeWindow { start, end: start + length };
+            let scope: Bitmap = scope.into_iter().collect();
+            let bulk = series.select_all(window, k) & &scope;
+            proptest::prop_assert_eq!(series.select_each(window, k, &scope), bulk);
+        }
+    }
+
+    #[test]
+    fn retention_and_deletes_drop_events() {
+        let mut s = store(&[(1, "a", 0), (2, "a", 2 * DAY_MS + 7), (2, "b", 5)]);
+        s.retain_from(DAY_MS + 3);
+        assert_eq!(s.series("a").map(|x| x.events()), Some(1));
+        assert!(s.series("b").is_none());
+        s.remove_users(&[2].into_iter().collect());
+        assert!(s.series("a").is_none());
+        assert_eq!(s.events(), 0);
+    }
+}
