@@ -215,3 +215,101 @@ pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
         Err(e) => unreachable!("demo batch does not match its schema: {e}"),
     }
 }
+
+/// Event names of the demo behaviour stream, with weights (per mille of events in a session).
+pub const EVENT_NAMES: &[(&str, u64)] = &[
+    ("page_view", 560),
+    ("view_item", 200),
+    ("search", 100),
+    ("add_to_cart", 80),
+    ("share", 30),
+    ("purchase", 25),
+    ("signup", 5),
+];
+
+/// Days of history the demo events span, ending at their `end` instant.
+pub const EVENT_DAYS: u64 = 365;
+
+/// One demo event: a user row (see [`user_id`]), an index into [`EVENT_NAMES`], a time and,
+/// for purchases, an amount.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DemoEvent {
+    pub user: u64,
+    pub event: u8,
+    pub ts: Millis,
+    pub value: Option<f64>,
+}
+
+/// `count` events of `users` users over [`EVENT_DAYS`] days before `end`, in sessions: a user
+/// picked with skewed activity (a few heavy users, a long tail of light ones) does 1 to ~15
+/// things within half an hour. Events come in session order, not time order, as a log merged
+/// from many sources would.
+pub fn events(users: u64, count: u64, seed: u64, end: Millis) -> impl Iterator<Item = DemoEvent> {
+    let users = users.max(1);
+    let mut rng = SplitMix64::new(seed ^ 0xE7E7_E7E7);
+    let mut left_in_session = 0u64;
+    let mut session = DemoEvent {
+        user: 0,
+        event: 0,
+        ts: end,
+        value: None,
+    };
+    (0..count).map(move |_| {
+        if left_in_session == 0 {
+            // rank = users * u^3: the first 10% of ranks do about 46% of the sessions.
+            let u = rng.unit();
+            let rank = ((users as f64) * u * u * u) as u64 % users;
+            // A fixed permutation, so that activity does not follow the id order.
+            session.user = rank.wrapping_mul(1_000_000_007) % users;
+            session.ts = end - 1 - rng.below(EVENT_DAYS * 86_400_000) as Millis;
+            left_in_session = 1 + rng.below(4) + rng.below(4) * rng.below(4);
+        }
+        left_in_session -= 1;
+        let name = pick(&mut rng, EVENT_NAMES);
+        let event = EVENT_NAMES.iter().position(|(n, _)| *n == name).unwrap_or(0) as u8;
+        let ts = session.ts + rng.below(30 * 60_000) as Millis;
+        let value = (name == "purchase").then(|| 5.0 + rng.below(50_000) as f64 / 100.0);
+        DemoEvent {
+            user: session.user,
+            event,
+            ts: ts.min(end - 1),
+            value,
+        }
+    })
+}
+
+/// The events table's schema: dictionary-encoded ids and names, as warehouses export them.
+pub fn events_schema() -> Arc<Schema> {
+    let dict = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", dict(), false),
+        Field::new("event", dict(), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("value", DataType::Float64, true),
+    ]))
+}
+
+/// A record batch of events by [`events_schema`].
+pub fn events_batch(events: &[DemoEvent]) -> RecordBatch {
+    let mut ids = StringDictionaryBuilder::<Int32Type>::new();
+    let mut names = StringDictionaryBuilder::<Int32Type>::new();
+    let mut ts = TimestampMillisecondBuilder::with_capacity(events.len()).with_timezone("UTC");
+    let mut values = Float64Builder::with_capacity(events.len());
+    for event in events {
+        ids.append_value(user_id(event.user));
+        names.append_value(EVENT_NAMES[event.event as usize].0);
+        ts.append_value(event.ts);
+        values.append_option(event.value);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(names.finish()),
+        Arc::new(ts.finish()),
+        Arc::new(values.finish()),
+    ];
+    RecordBatch::try_new(events_schema(), columns).expect("demo events match their schema")
+}

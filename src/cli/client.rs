@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::{Command, ImportKind, SegmentCommand};
-use crate::engine::import::open_file;
+use crate::engine::import::{open_file, DEFAULT_ID_COLUMN};
 use crate::grpc::pb;
 use crate::time::parse_rfc3339;
 
@@ -413,7 +413,8 @@ async fn segment(
     Ok(())
 }
 
-/// Streams a file to the server as Arrow IPC (or asks the server to read it), with a progress bar.
+/// Streams a file to the server as Arrow IPC (or asks the server to read it), with a progress
+/// bar, and prints what the import did.
 async fn import(
     channel: Channel,
     kind: ImportKind,
@@ -423,35 +424,83 @@ async fn import(
     server_side: bool,
     json: bool,
 ) -> Result<()> {
-    if kind == ImportKind::Events {
-        return Err(ClientError::Input(
-            "importing events is not supported by this server version yet".into(),
-        ));
+    if kind == ImportKind::Events && id_column != DEFAULT_ID_COLUMN {
+        return Err(ClientError::Input(format!(
+            "--id-column applies to users imports; an events table always has a \
+             '{DEFAULT_ID_COLUMN}' column"
+        )));
     }
     let mut client = pb::ingest_service_client::IngestServiceClient::new(channel);
-    let (mut progress, total) = if server_side {
-        let stream = client
-            .import_users_file(pb::ImportUsersFileRequest {
-                dataset,
-                path: file.display().to_string(),
-                id_column,
-            })
-            .await?
-            .into_inner();
-        (stream, 0)
-    } else {
-        let source =
-            open_file(file, IMPORT_BATCH_ROWS).map_err(|e| ClientError::Input(e.to_string()))?;
-        let total = source.total_rows.unwrap_or(0);
-        let (sender, receiver) = mpsc::channel(4);
-        let reader = std::thread::spawn(move || encode_ipc(source, dataset, id_column, &sender));
-        let stream = client
-            .import_users(ReceiverStream::new(receiver))
-            .await?
-            .into_inner();
-        drop(reader);
-        (stream, total)
+    let (progress, total) = match (kind, server_side) {
+        (ImportKind::Users, true) => {
+            let stream = client
+                .import_users_file(pb::ImportUsersFileRequest {
+                    dataset,
+                    path: file.display().to_string(),
+                    id_column,
+                })
+                .await?
+                .into_inner();
+            (stream, 0)
+        }
+        (ImportKind::Events, true) => {
+            let stream = client
+                .import_events_file(pb::ImportEventsFileRequest {
+                    dataset,
+                    path: file.display().to_string(),
+                })
+                .await?
+                .into_inner();
+            (stream, 0)
+        }
+        (ImportKind::Users, false) => {
+            let mut first = Some((dataset, id_column));
+            let (chunks, total) = stream_file(file, move |arrow_ipc_chunk| {
+                let (dataset, id_column) = first.take().unwrap_or_default();
+                pb::ImportUsersRequest {
+                    dataset,
+                    id_column,
+                    arrow_ipc_chunk,
+                }
+            })?;
+            (client.import_users(chunks).await?.into_inner(), total)
+        }
+        (ImportKind::Events, false) => {
+            let mut first = Some(dataset);
+            let (chunks, total) = stream_file(file, move |arrow_ipc_chunk| {
+                pb::ImportEventsRequest {
+                    dataset: first.take().unwrap_or_default(),
+                    arrow_ipc_chunk,
+                }
+            })?;
+            (client.import_events(chunks).await?.into_inner(), total)
+        }
     };
+    let last = follow_progress(progress, total).await?;
+    let out = &mut std::io::stdout().lock();
+    print_import(out, kind, &last, json)
+}
+
+/// Opens `file` and encodes it on a thread as one Arrow IPC stream of messages made by
+/// `message` from each chunk; also returns the row count when the format tells it.
+fn stream_file<M: Send + 'static>(
+    file: &Path,
+    message: impl FnMut(Vec<u8>) -> M + Send + 'static,
+) -> Result<(ReceiverStream<M>, u64)> {
+    let source =
+        open_file(file, IMPORT_BATCH_ROWS).map_err(|e| ClientError::Input(e.to_string()))?;
+    let total = source.total_rows.unwrap_or(0);
+    let (sender, receiver) = mpsc::channel(4);
+    // Detached: it ends when the file is sent or the call drops the receiver.
+    std::thread::spawn(move || encode_ipc(source, message, &sender));
+    Ok((ReceiverStream::new(receiver), total))
+}
+
+/// Shows the server's progress reports as a bar; returns the last one, which must say done.
+async fn follow_progress(
+    mut progress: tonic::Streaming<pb::ImportProgress>,
+    total: u64,
+) -> Result<pb::ImportProgress> {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -473,44 +522,54 @@ async fn import(
             "the import ended before the server confirmed it".into(),
         ));
     }
-    let out = &mut std::io::stdout().lock();
-    if json {
-        writeln!(
+    Ok(last)
+}
+
+/// The one summary line of a finished import.
+fn print_import(
+    out: &mut impl Write,
+    kind: ImportKind,
+    last: &pb::ImportProgress,
+    json: bool,
+) -> Result<()> {
+    match (kind, json) {
+        (ImportKind::Users, true) => writeln!(
             out,
             "{}",
-            json!({"rows": last.rows_read, "created": last.users_created, "updated": last.users_updated})
-        )?;
-    } else {
-        writeln!(
+            json!({"rows": last.rows_read, "created": last.users_created,
+                   "updated": last.users_updated})
+        )?,
+        (ImportKind::Users, false) => writeln!(
             out,
             "imported {} rows: {} users created, {} updated",
             last.rows_read, last.users_created, last.users_updated
-        )?;
+        )?,
+        (ImportKind::Events, true) => writeln!(
+            out,
+            "{}",
+            json!({"rows": last.rows_read, "events": last.events_imported,
+                   "expired": last.events_expired, "created": last.users_created})
+        )?,
+        (ImportKind::Events, false) => writeln!(
+            out,
+            "imported {} rows: {} events recorded, {} expired, {} users created",
+            last.rows_read, last.events_imported, last.events_expired, last.users_created
+        )?,
     }
     Ok(())
 }
 
-/// Reads record batches and sends them as one Arrow IPC stream in chunks (runs on a thread).
-fn encode_ipc(
+/// Reads record batches and sends them as one Arrow IPC stream cut into chunks, each wrapped
+/// by `message` (runs on a thread).
+fn encode_ipc<M>(
     source: crate::engine::import::BatchSource,
-    dataset: String,
-    id_column: String,
-    sender: &mpsc::Sender<pb::ImportUsersRequest>,
+    mut message: impl FnMut(Vec<u8>) -> M,
+    sender: &mpsc::Sender<M>,
 ) {
-    let mut first = Some((dataset, id_column));
     let mut send = |bytes: Vec<u8>| -> bool {
-        for piece in bytes.chunks(IMPORT_CHUNK_BYTES) {
-            let (dataset, id_column) = first.take().unwrap_or_default();
-            let message = pb::ImportUsersRequest {
-                dataset,
-                id_column,
-                arrow_ipc_chunk: piece.to_vec(),
-            };
-            if sender.blocking_send(message).is_err() {
-                return false;
-            }
-        }
-        true
+        bytes
+            .chunks(IMPORT_CHUNK_BYTES)
+            .all(|piece| sender.blocking_send(message(piece.to_vec())).is_ok())
     };
     let mut writer: Option<arrow_ipc::writer::StreamWriter<Vec<u8>>> = None;
     for batch in source.batches {

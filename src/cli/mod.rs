@@ -34,13 +34,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve(serve::ServeArgs),
-    /// Import a .parquet or .arrow file of users (or events) into a dataset.
+    /// Import a .parquet or .arrow file of users, or of events (`user_id`, `event`, `ts`,
+    /// optional `value`), into a dataset.
     Import {
         kind: ImportKind,
         file: PathBuf,
         #[arg(long, default_value = "default")]
         dataset: String,
-        /// The column holding user ids.
+        /// The column holding user ids (users imports only).
         #[arg(long, default_value = "user_id")]
         id_column: String,
         /// Let the server read FILE from its own file system instead of streaming it.

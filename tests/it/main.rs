@@ -3,6 +3,7 @@
 
 mod cli;
 mod grpc_errors;
+mod grpc_events;
 mod grpc_ingest;
 mod grpc_queries;
 mod grpc_segments;
