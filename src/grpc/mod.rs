@@ -10,6 +10,7 @@ pub mod query;
 pub mod schema;
 pub mod segment;
 pub mod status;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +71,7 @@ const SERVICE_NAMES: &[&str] = &[
     "audience.v1.SegmentService",
     "audience.v1.IngestService",
     "audience.v1.SchemaService",
+    "audience.v1.WatchService",
 ];
 
 async fn set_all(
@@ -117,6 +119,9 @@ pub async fn serve(
         pb::schema_service_server::SchemaServiceServer::new(schema::SchemaApi::new(&services))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+    let watch = pb::watch_service_server::WatchServiceServer::new(watch::WatchApi::new(&services))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
 
     let ready_reporter = reporter.clone();
     tokio::spawn(async move {
@@ -139,6 +144,7 @@ pub async fn serve(
         .add_service(segments)
         .add_service(ingest)
         .add_service(schema)
+        .add_service(watch)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
