@@ -20,6 +20,10 @@ pub const MAX_CHANGES_PER_BATCH: usize = 1_000;
 /// Feed entries skipped (other segments' changes) before a watcher lets other tasks run.
 const MAX_ENTRIES_PER_SCAN: usize = 4_096;
 
+/// A change as read from the feed: its entry (which names the segment), the user's dense id,
+/// and whether the user entered.
+type RawChange = (Arc<FeedEntry>, u32, bool);
+
 /// Which way a user crossed a segment's boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -207,7 +211,7 @@ impl Watcher {
 
     /// Reads watched changes from the position on, up to a batch; `more` when it stopped
     /// early on [`MAX_ENTRIES_PER_SCAN`] rather than at the head.
-    fn scan(&mut self) -> Result<(Vec<(Arc<FeedEntry>, u32, bool)>, bool)> {
+    fn scan(&mut self) -> Result<(Vec<RawChange>, bool)> {
         let mut raw = Vec::new();
         for _ in 0..MAX_ENTRIES_PER_SCAN {
             if raw.len() >= MAX_CHANGES_PER_BATCH || self.deleted.is_some() {
@@ -256,7 +260,7 @@ impl Watcher {
 
     /// External ids from the current version, which is at least as new as any entry read:
     /// a version is published before its transitions are appended, and ids are never reused.
-    fn resolve(&self, raw: Vec<(Arc<FeedEntry>, u32, bool)>) -> Vec<MembershipChange> {
+    fn resolve(&self, raw: Vec<RawChange>) -> Vec<MembershipChange> {
         let state = self.dataset.current();
         raw.into_iter()
             .filter_map(|(entry, id, entered)| {

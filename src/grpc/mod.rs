@@ -119,9 +119,15 @@ pub async fn serve(
         pb::schema_service_server::SchemaServiceServer::new(schema::SchemaApi::new(&services))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-    let watch = pb::watch_service_server::WatchServiceServer::new(watch::WatchApi::new(&services))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    // Watch streams never end by themselves: they end when this turns true at shutdown, so
+    // that in-flight requests can finish and the server stop.
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let watch = pb::watch_service_server::WatchServiceServer::new(watch::WatchApi::new(
+        &services,
+        stopping_rx,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     let ready_reporter = reporter.clone();
     tokio::spawn(async move {
@@ -132,6 +138,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        stopping.send_replace(true);
         tracing::info!("shutting down");
     };
     tonic::transport::Server::builder()

@@ -91,6 +91,11 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
     Status::new(code, message)
 }
 
+/// A stream cut short because the server is stopping.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; call again (another replica may serve it)")
+}
+
 /// A request field that is missing or malformed.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     let message = bounded(format!("{field}: {reason}"));

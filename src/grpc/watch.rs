@@ -9,12 +9,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::pb;
-use super::status::to_status;
+use super::status::{shutting_down, to_status};
 use super::Services;
 use crate::engine::{ChangeKind, Engine, WatchBatch, Watcher};
 
@@ -22,12 +23,15 @@ use crate::engine::{ChangeKind, Engine, WatchBatch, Watcher};
 #[derive(Debug, Clone)]
 pub struct WatchApi {
     engine: Arc<Engine>,
+    /// Turns true when the server starts shutting down: every stream then ends.
+    stopping: watch::Receiver<bool>,
 }
 
 impl WatchApi {
-    pub fn new(services: &Services) -> Self {
+    pub fn new(services: &Services, stopping: watch::Receiver<bool>) -> Self {
         Self {
             engine: services.engine.clone(),
+            stopping,
         }
     }
 }
@@ -60,6 +64,7 @@ impl pb::watch_service_server::WatchService for WatchApi {
         tracing::info!("watch started");
         Ok(Response::new(WatchStream::new(
             watcher,
+            self.stopping.clone(),
             tracing::Span::current(),
         )))
     }
@@ -92,8 +97,15 @@ fn to_proto(batch: WatchBatch) -> pb::WatchResponse {
     }
 }
 
-/// One step of the stream: the next message and the watcher to take the one after from.
-type Step = Pin<Box<dyn Future<Output = (Result<pb::WatchResponse, Status>, Watcher)> + Send>>;
+/// What one step yields: the next message, and the watcher and shutdown signal for the next.
+type StepOutput = (
+    Result<pb::WatchResponse, Status>,
+    Watcher,
+    watch::Receiver<bool>,
+);
+
+/// One step of the stream.
+type Step = Pin<Box<dyn Future<Output = StepOutput> + Send>>;
 
 /// The response stream: one [`Watcher::next`] in flight at a time, started only when polled.
 pub struct WatchStream {
@@ -103,21 +115,29 @@ pub struct WatchStream {
 }
 
 impl WatchStream {
-    fn new(watcher: Watcher, span: tracing::Span) -> Self {
+    fn new(watcher: Watcher, stopping: watch::Receiver<bool>, span: tracing::Span) -> Self {
         Self {
-            step: Some(Self::step(watcher, span.clone())),
+            step: Some(Self::step(watcher, stopping, span.clone())),
             span,
         }
     }
 
-    fn step(mut watcher: Watcher, span: tracing::Span) -> Step {
+    fn step(
+        mut watcher: Watcher,
+        mut stopping: watch::Receiver<bool>,
+        span: tracing::Span,
+    ) -> Step {
         Box::pin(
             async move {
-                let message = watcher.next().await.map(to_proto).map_err(|e| {
-                    tracing::info!(error = %e, "watch ended");
-                    to_status(e, "")
-                });
-                (message, watcher)
+                // `Watcher::next` is cancel-safe: giving up on it at shutdown loses nothing.
+                let message = tokio::select! {
+                    next = watcher.next() => next.map(to_proto).map_err(|e| {
+                        tracing::info!(error = %e, "watch ended");
+                        to_status(e, "")
+                    }),
+                    _ = stopping.wait_for(|stopping| *stopping) => Err(shutting_down()),
+                };
+                (message, watcher, stopping)
             }
             .instrument(span),
         )
@@ -131,12 +151,12 @@ impl Stream for WatchStream {
         let Some(step) = self.step.as_mut() else {
             return Poll::Ready(None);
         };
-        let (message, watcher) = match step.as_mut().poll(cx) {
+        let (message, watcher, stopping) = match step.as_mut().poll(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(done) => done,
         };
         self.step = match message {
-            Ok(_) => Some(Self::step(watcher, self.span.clone())),
+            Ok(_) => Some(Self::step(watcher, stopping, self.span.clone())),
             Err(_) => None,
         };
         Poll::Ready(Some(message))
