@@ -6,6 +6,7 @@ mod grpc_errors;
 mod grpc_ingest;
 mod grpc_queries;
 mod grpc_segments;
+mod grpc_watch;
 mod harness;
 mod model;
 mod properties;
