@@ -268,6 +268,51 @@ async fn a_bulk_write_streams_in_batches_of_at_most_a_thousand() {
 }
 
 #[tokio::test]
+async fn a_multi_batch_import_reports_exactly_the_membership_difference() {
+    let server = TestServer::start().await;
+    import_demo_over_grpc(&server, "", 3_000, 1).await;
+    for (id, expr) in [("young", "age < 30"), ("us", r#"country = "US""#)] {
+        server
+            .segments()
+            .create_segment(pb::CreateSegmentRequest {
+                segment_id: id.to_owned(),
+                expression: Some(text_expr(expr)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let before = [
+        members(&server, "", segment_audience("young")).await,
+        members(&server, "", segment_audience("us")).await,
+    ];
+    let mut both = watch(&server, &["young", "us"], "").await.unwrap();
+    // Updates the 3,000 users with other values and adds 2,000, in several record batches.
+    import_demo_over_grpc(&server, "", 5_000, 2).await;
+    let after = [
+        members(&server, "", segment_audience("young")).await,
+        members(&server, "", segment_audience("us")).await,
+    ];
+    let mut expected = Vec::new();
+    for (segment, (before, after)) in ["young", "us"].iter().zip(before.iter().zip(&after)) {
+        let before: std::collections::BTreeSet<_> = before.iter().collect();
+        let after: std::collections::BTreeSet<_> = after.iter().collect();
+        expected.extend(after.difference(&before).map(|u| entered(segment, u)));
+        expected.extend(before.difference(&after).map(|u| left(segment, u)));
+    }
+    assert!(expected.len() > 1_000, "a large difference");
+    let mut changes = both.take(expected.len()).await;
+    changes.sort();
+    expected.sort();
+    assert_eq!(changes, expected);
+
+    // Nothing more from the import: the next change is the next write's.
+    upsert(&server, vec![aged("zz", 1)]).await;
+    assert_eq!(both.take(1).await, vec![entered("young", "zz")]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn resuming_with_the_last_token_delivers_exactly_the_missed_changes() {
     let server = TestServer::start().await;
     create_segment(&server, "", "adults", "age >= 18").await;
