@@ -90,7 +90,7 @@ impl Default for Limits {
             cursor_ttl_secs: 600,
             import_idle_secs: 60,
             watch_history_changes: 10_000_000,
-            watch_history_entries: 1_000_000,
+            watch_history_entries: 100_000,
             watch_max_lag: 1_000_000,
         }
     }
