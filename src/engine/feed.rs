@@ -73,13 +73,11 @@ impl FeedEntry {
 
 /// The ids of `set` from the `rank`-th (0-based) on, without walking the ones before.
 fn from_rank(set: &Bitmap, rank: u64) -> impl Iterator<Item = u32> + '_ {
-    let start = u32::try_from(rank).ok().and_then(|rank| set.select(rank));
-    let range = match start {
+    match u32::try_from(rank).ok().and_then(|rank| set.select(rank)) {
         Some(first) => set.range(first..),
         // Past the end: an empty iterator of the same type.
         None => set.range(1..1),
-    };
-    range
+    }
 }
 
 /// A place in the feed: before change `offset` of entry `seq`. The head is `(next seq, 0)`.
