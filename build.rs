@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "audience/v1/segment.proto",
     "audience/v1/ingest.proto",
     "audience/v1/schema.proto",
+    "audience/v1/watch.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -138,6 +138,14 @@ impl Config {
                 limits.max_open_cursors > 0,
                 "limits.max_open_cursors must be positive",
             ),
+            (
+                limits.watch_history_entries > 0,
+                "limits.watch_history_entries must be positive",
+            ),
+            (
+                limits.watch_max_lag > 0 && limits.watch_max_lag < limits.watch_history_changes,
+                "limits.watch_max_lag must be positive and below limits.watch_history_changes",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err(ConfigError::Invalid((*message).to_owned())),

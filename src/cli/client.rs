@@ -120,6 +120,11 @@ pub async fn run(addr: &str, json: bool, command: Command) -> Result<()> {
                 .into_inner();
             print_schema(out, &schema, json)
         }
+        Command::Watch {
+            segment_ids,
+            dataset,
+            resume,
+        } => watch(channel, out, segment_ids, dataset, resume, json).await,
     }
 }
 
@@ -410,6 +415,78 @@ async fn segment(
             }
         }
     }
+    Ok(())
+}
+
+/// Prints membership changes until the stream ends; when the server cuts the stream off
+/// because this reader fell behind, reconnects with the last token it received.
+async fn watch(
+    channel: Channel,
+    out: &mut impl Write,
+    segment_ids: Vec<String>,
+    dataset: String,
+    resume: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut client = pb::watch_service_client::WatchServiceClient::new(channel);
+    let mut token = resume.unwrap_or_default();
+    // The token of the last reconnect: a reconnect that got nothing further ends the command.
+    let mut reconnected_at: Option<String> = None;
+    loop {
+        let request = pb::WatchRequest {
+            dataset: dataset.clone(),
+            segment_ids: segment_ids.clone(),
+            resume_token: token.clone(),
+        };
+        let mut stream = client.watch(request).await?.into_inner();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    print_changes(out, &message, json)?;
+                    token = message.resume_token;
+                }
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        match ended {
+            Some(status)
+                if status.code() == tonic::Code::ResourceExhausted
+                    && status.message().contains("resume_token=")
+                    && reconnected_at.as_ref() != Some(&token) =>
+            {
+                eprintln!("note: fell behind the server's writes; reconnecting where it left off");
+                reconnected_at = Some(token.clone());
+            }
+            Some(status) => return Err(status.into()),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One line per change; in JSON the last change of a message carries the token that resumes
+/// after it (the others carry `null`: resuming there would skip the rest of the message).
+fn print_changes(out: &mut impl Write, message: &pb::WatchResponse, json: bool) -> Result<()> {
+    let last = message.changes.len().saturating_sub(1);
+    for (index, change) in message.changes.iter().enumerate() {
+        let kind = match pb::MembershipChangeKind::try_from(change.kind) {
+            Ok(pb::MembershipChangeKind::Entered) => "entered",
+            Ok(pb::MembershipChangeKind::Left) => "left",
+            _ => "unknown",
+        };
+        if json {
+            let token = (index == last).then_some(message.resume_token.as_str());
+            writeln!(
+                out,
+                "{}",
+                json!({"kind": kind, "segment_id": change.segment_id,
+                       "user_id": change.user_id, "resume_token": token})
+            )?;
+        } else {
+            writeln!(out, "{kind}\t{}\t{}", change.segment_id, change.user_id)?;
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

@@ -87,6 +87,17 @@ pub enum Command {
         #[arg(long, default_value = "default")]
         dataset: String,
     },
+    /// Print users entering and leaving saved segments as it happens, one line per change
+    /// (`entered|left<TAB>segment<TAB>user_id`); reconnects by itself when it falls behind.
+    Watch {
+        #[arg(required = true, value_name = "SEGMENT_ID")]
+        segment_ids: Vec<String>,
+        #[arg(long, default_value = "default")]
+        dataset: String,
+        /// Continue after the change that printed this token (`--json` prints them).
+        #[arg(long)]
+        resume: Option<String>,
+    },
 }
 
 /// What an import file holds.

@@ -83,6 +83,24 @@ pub enum EngineError {
     InvalidPageToken,
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    #[error("resume_token {0}")]
+    InvalidResumeToken(&'static str),
+    #[error(
+        "resume_token: the change history it points into was discarded ({0}); re-read the \
+         segments (e.g. with ExportMembers) and watch again without a resume_token"
+    )]
+    WatchHistoryDiscarded(&'static str),
+    #[error(
+        "this watcher fell {lag} membership changes behind the writes, over the limit of \
+         {limit}; reconnect with resume_token={resume_token}"
+    )]
+    WatcherTooSlow {
+        lag: u64,
+        limit: u64,
+        resume_token: String,
+    },
+    #[error("segment '{0}' was deleted")]
+    SegmentDeleted(String),
     #[error("dataset '{0}' was created by another write at the same time; retry")]
     ConcurrentCreate(String),
     #[error("internal error: {0}")]

@@ -12,6 +12,7 @@
 //! - [`query`]: counts, breakdowns, samples, overlap, lookups, schema.
 //! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers.
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
+//! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
 
 pub mod change;
 pub mod cursor;
@@ -19,10 +20,12 @@ pub mod error;
 pub mod eval;
 pub mod event_import;
 pub mod events;
+pub mod feed;
 pub mod import;
 pub mod plan;
 pub mod query;
 pub mod state;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -36,6 +39,7 @@ pub use change::{
 pub use error::{EngineError, Result};
 pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
 pub use state::{DatasetState, Segment};
+pub use watch::{ChangeKind, MembershipChange, WatchBatch, Watcher};
 
 use crate::expr::Expr;
 use crate::time::{Clock, Millis, SystemClock};
@@ -68,6 +72,15 @@ pub struct Limits {
     pub cursor_ttl_secs: u64,
     /// Seconds a streamed import may wait for its next message; it holds the dataset's writer.
     pub import_idle_secs: u64,
+    /// User changes (entered or left) of recent writes kept per dataset for watchers to read
+    /// and resume in; the oldest go first.
+    pub watch_history_changes: u64,
+    /// Feed entries (one per segment per write) kept per dataset, bounding the many tiny ones.
+    pub watch_history_entries: usize,
+    /// User changes a watcher may fall behind the writes (beyond its backlog at the start)
+    /// before its stream ends with a token to resume from: well below the history, so that the
+    /// token is still in it when the caller comes back.
+    pub watch_max_lag: u64,
 }
 
 impl Default for Limits {
@@ -83,17 +96,22 @@ impl Default for Limits {
             max_open_cursors: 1_024,
             cursor_ttl_secs: 600,
             import_idle_secs: 60,
+            watch_history_changes: 10_000_000,
+            watch_history_entries: 100_000,
+            watch_max_lag: 1_000_000,
         }
     }
 }
 
-/// One dataset: its published version and the lock writers queue on.
+/// One dataset: its published version, the lock writers queue on, and its watch feed.
 #[derive(Debug, Default)]
 struct Dataset {
     /// The version readers see.
     current: RwLock<Arc<DatasetState>>,
     /// Serializes writers; held across the whole of a multi-batch import.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Segment transitions of recent versions, appended in publish order under `writer`.
+    feed: feed::Feed,
 }
 
 impl Dataset {
@@ -104,11 +122,17 @@ impl Dataset {
         }
     }
 
-    fn publish(&self, state: Arc<DatasetState>) {
+    /// Publishes a version and then feeds its transitions to watchers; called under `writer`,
+    /// so that the feed order is the publish order. The version goes first, so that a watcher
+    /// reading an entry finds its users' external ids in the current version.
+    fn publish(&self, mut state: DatasetState, bounds: feed::FeedBounds) {
+        let transitions = std::mem::take(&mut state.transitions);
+        let state = Arc::new(state);
         match self.current.write() {
             Ok(mut current) => *current = state,
             Err(poisoned) => *poisoned.into_inner() = state,
         }
+        self.feed.append(transitions, bounds);
     }
 }
 
@@ -271,7 +295,7 @@ impl Engine {
             })
             .await
             .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
-            handle.publish(Arc::new(state));
+            handle.publish(state, feed::FeedBounds::from(&self.limits));
             match pending {
                 None => return Ok(outcome),
                 Some(name) => match register(&self.datasets, &name, &handle) {
@@ -359,6 +383,7 @@ impl Engine {
             outcome: ChangeOutcome::default(),
             now: self.now(),
             staged: event_import::StagedEvents::default(),
+            bounds: feed::FeedBounds::from(&self.limits),
         })
     }
 
@@ -451,6 +476,8 @@ pub struct Import {
     now: Millis,
     /// Events read so far, merged into the index by [`Import::settle`].
     staged: event_import::StagedEvents,
+    /// How much of the import's transitions the watch feed keeps.
+    bounds: feed::FeedBounds,
 }
 
 impl Import {
@@ -555,7 +582,7 @@ impl Import {
             .state
             .take()
             .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
-        self.handle.publish(Arc::new(state));
+        self.handle.publish(state, self.bounds);
         if let Some(name) = &self.pending {
             register(&self.registry, name, &self.handle)?;
         }

@@ -61,6 +61,9 @@ pub struct SegmentTransition {
     pub segment: String,
     pub entered: Bitmap,
     pub left: Bitmap,
+    /// The change deleted the segment (`left` holds its last members), so that a watcher can
+    /// end its stream instead of waiting for changes that will never come.
+    pub deleted: bool,
 }
 
 impl DatasetState {
@@ -72,6 +75,7 @@ impl DatasetState {
             segment: segment.to_owned(),
             entered: entered.clone(),
             left: left.clone(),
+            deleted: false,
         });
     }
 }
@@ -527,7 +531,13 @@ impl DatasetState {
         if let Some(segment) = self.segments.remove(id) {
             self.membership
                 .remove_segment(segment.slot, &segment.members);
-            self.record_transition(id, &Bitmap::new(), &segment.members);
+            // Recorded even when the segment was empty: watchers learn of the deletion.
+            self.transitions.push(SegmentTransition {
+                segment: id.to_owned(),
+                entered: Bitmap::new(),
+                left: Bitmap::clone(&segment.members),
+                deleted: true,
+            });
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ pub mod query;
 pub mod schema;
 pub mod segment;
 pub mod status;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ const SERVICE_NAMES: &[&str] = &[
     "audience.v1.SegmentService",
     "audience.v1.IngestService",
     "audience.v1.SchemaService",
+    "audience.v1.WatchService",
 ];
 
 async fn set_all(
@@ -119,6 +121,15 @@ pub async fn serve(
         pb::schema_service_server::SchemaServiceServer::new(schema::SchemaApi::new(&services))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+    // Watch streams never end by themselves: they end when this turns true at shutdown, so
+    // that in-flight requests can finish and the server stop.
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+    let watch = pb::watch_service_server::WatchServiceServer::new(watch::WatchApi::new(
+        &services,
+        stopping_rx,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     let ticker = tokio::spawn(advance_time(services.engine.clone(), services.time_refresh));
     let ready_reporter = reporter.clone();
@@ -130,6 +141,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        stopping.send_replace(true);
         tracing::info!("shutting down");
     };
     let served = tonic::transport::Server::builder()
@@ -142,6 +154,7 @@ pub async fn serve(
         .add_service(segments)
         .add_service(ingest)
         .add_service(schema)
+        .add_service(watch)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     ticker.abort();

@@ -7,11 +7,14 @@ use crate::engine::EngineError;
 /// The gRPC code of an engine error. Exhaustive: a new error variant must choose its code.
 pub fn code_of(error: &EngineError) -> Code {
     match error {
-        EngineError::DatasetNotFound(_) | EngineError::SegmentNotFound(_) => Code::NotFound,
+        EngineError::DatasetNotFound(_)
+        | EngineError::SegmentNotFound(_)
+        | EngineError::SegmentDeleted(_) => Code::NotFound,
         EngineError::SegmentExists(_) => Code::AlreadyExists,
-        EngineError::SegmentInUse { .. } | EngineError::InvalidPageToken => {
-            Code::FailedPrecondition
-        }
+        EngineError::SegmentInUse { .. }
+        | EngineError::InvalidPageToken
+        | EngineError::WatchHistoryDiscarded(_) => Code::FailedPrecondition,
+        EngineError::WatcherTooSlow { .. } => Code::ResourceExhausted,
         EngineError::LimitExceeded { .. }
         | EngineError::ExpressionTooLarge { .. }
         | EngineError::ExpressionTooDeep { .. }
@@ -34,7 +37,8 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::UnsupportedColumn { .. }
         | EngineError::Arrow(_)
         | EngineError::Parquet(_)
-        | EngineError::InvalidArgument { .. } => Code::InvalidArgument,
+        | EngineError::InvalidArgument { .. }
+        | EngineError::InvalidResumeToken(_) => Code::InvalidArgument,
         EngineError::ImportIo(e) if e.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
         EngineError::ImportIo(_) => Code::FailedPrecondition,
         EngineError::ConcurrentCreate(_) => Code::Aborted,
@@ -70,14 +74,27 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
         return Status::internal("internal error; see the server log");
     }
     let message = match (&error, field.is_empty()) {
-        (EngineError::SegmentInUse { .. } | EngineError::InvalidPageToken, _) | (_, true) => {
-            error.to_string()
-        }
+        // These name their field themselves.
+        (
+            EngineError::SegmentInUse { .. }
+            | EngineError::InvalidPageToken
+            | EngineError::InvalidResumeToken(_)
+            | EngineError::WatchHistoryDiscarded(_)
+            | EngineError::WatcherTooSlow { .. }
+            | EngineError::SegmentDeleted(_),
+            _,
+        )
+        | (_, true) => error.to_string(),
         _ => format!("{field}: {error}"),
     };
     let message = bounded(message);
     tracing::info!(code = ?code, error = %message, "request refused");
     Status::new(code, message)
+}
+
+/// A stream cut short because the server is stopping.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; call again (another replica may serve it)")
 }
 
 /// A request field that is missing or malformed.

@@ -413,7 +413,7 @@ async fn import_streams_parquet_and_arrow_files() {
         us as u64
     );
 
-    // A file the client cannot read, and events, fail with a message.
+    // A file the client cannot read, and a users file imported as events, fail with a message.
     let failed = run(
         &server,
         &["import", "users", "/definitely/not/here.parquet"],
@@ -427,10 +427,132 @@ async fn import_streams_parquet_and_arrow_files() {
     )
     .await;
     assert!(!failed.success);
-    assert!(failed.stderr.contains("events"), "{}", failed.stderr);
+    assert!(
+        failed.stderr.contains("InvalidArgument")
+            && failed.stderr.contains("not part of an events table"),
+        "{}",
+        failed.stderr
+    );
     for path in [parquet_path, arrow_path] {
         std::fs::remove_file(path).ok();
     }
+    server.shutdown().await;
+}
+
+/// Five events, one of them older than the default retention, of three users.
+fn write_events_parquet(path: &std::path::Path) {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+    const DAY: i64 = 86_400_000;
+    let rows: [(&str, &str, i64, Option<f64>); 5] = [
+        ("c1", "purchase", JAN_1_2026 - DAY, Some(10.0)),
+        ("c1", "purchase", JAN_1_2026 - 2 * DAY, None),
+        ("c2", "view", JAN_1_2026 - DAY / 8, None),
+        ("c3", "purchase", JAN_1_2026 - 500 * DAY, Some(3.5)),
+        ("c2", "purchase", JAN_1_2026 - 10 * DAY, None),
+    ];
+    let schema = Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("event", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        Field::new("value", DataType::Float64, true),
+    ]);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+        Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.2),
+        )),
+        Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.3))),
+    ];
+    let batch = RecordBatch::try_new(Arc::new(schema), columns).unwrap();
+    write_demo_parquet(path, &[batch]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_events_streams_a_file_and_prints_a_summary() {
+    let server = TestServer::start().await;
+    let path = temp_path("events.parquet");
+    write_events_parquet(&path);
+    let file = path.to_str().unwrap();
+
+    let out = run(&server, &["import", "events", file]).await.ok();
+    assert_eq!(
+        out.trim(),
+        "imported 5 rows: 4 events recorded, 1 expired, 3 users created"
+    );
+    let out = run(&server, &["count", "DID purchase"]).await.ok();
+    assert_eq!(out.trim(), "2");
+    let out = run(&server, &["members", "DID purchase IN LAST 7d"])
+        .await
+        .ok();
+    assert_eq!(Run::lines(&out), vec!["c1"]);
+    let out = run(&server, &["count", "DID view IN LAST 1d"]).await.ok();
+    assert_eq!(out.trim(), "1");
+    // The user of the expired event exists, with no event.
+    let out = run(&server, &["count", "NOT DID purchase"]).await.ok();
+    assert_eq!(out.trim(), "1");
+
+    // --json, into another dataset.
+    let out = run(
+        &server,
+        &["import", "events", file, "--dataset", "j", "--json"],
+    )
+    .await
+    .ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("import --json");
+    assert_eq!(json["rows"], 5);
+    assert_eq!(json["events"], 4);
+    assert_eq!(json["expired"], 1);
+    assert_eq!(json["created"], 3);
+    assert_eq!(count(&server, "j", text("DID purchase AT LEAST 2 TIMES")).await, 1);
+
+    // The server reading the file itself.
+    let out = run(
+        &server,
+        &["import", "events", file, "--dataset", "s", "--server-side"],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        out.trim(),
+        "imported 5 rows: 4 events recorded, 1 expired, 3 users created"
+    );
+    let out = run(&server, &["count", "DID purchase", "--dataset", "s"])
+        .await
+        .ok();
+    assert_eq!(out.trim(), "2");
+
+    // Importing it again adds the events again; nobody is new.
+    let out = run(&server, &["import", "events", file]).await.ok();
+    assert_eq!(
+        out.trim(),
+        "imported 5 rows: 4 events recorded, 1 expired, 0 users created"
+    );
+    let out = run(&server, &["count", "DID purchase AT LEAST 4 TIMES"])
+        .await
+        .ok();
+    assert_eq!(out.trim(), "1");
+
+    // An id column other than user_id means nothing for events.
+    let failed = run(
+        &server,
+        &["import", "events", file, "--id-column", "customer"],
+    )
+    .await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("--id-column"), "{}", failed.stderr);
+    // A refused table leaves the dataset as it was.
+    let failed = run(
+        &server,
+        &["import", "events", file, "--dataset", "s", "--server-side", "--id-column", "x"],
+    )
+    .await;
+    assert!(!failed.success);
+    assert_eq!(count(&server, "s", text("DID purchase AT LEAST 2 TIMES")).await, 1);
+    std::fs::remove_file(path).ok();
     server.shutdown().await;
 }
 

@@ -1002,6 +1002,7 @@ async fn health_turns_serving_when_ready_and_the_port_closes_after_shutdown() {
         "audience.v1.SegmentService",
         "audience.v1.IngestService",
         "audience.v1.SchemaService",
+        "audience.v1.WatchService",
     ] {
         assert_eq!(
             server.health(service).await.unwrap(),
@@ -1056,6 +1057,7 @@ async fn reflection_lists_the_services() {
         "audience.v1.SegmentService",
         "audience.v1.IngestService",
         "audience.v1.SchemaService",
+        "audience.v1.WatchService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.contains(name), "{name} missing from {names:?}");

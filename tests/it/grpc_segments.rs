@@ -620,10 +620,15 @@ async fn bad_definitions_are_refused_with_the_field() {
 }
 
 #[tokio::test]
-#[ignore = "issue 3 (time moves segments): a saved segment relative to NOW is refreshed only by writes until the re-evaluation cadence exists"]
 async fn segments_relative_to_now_follow_the_clock() {
     let clock = FixedClock::new(JAN_1_2026);
-    let server = TestServer::start_with(ServerOptions::default().clock(clock.clone())).await;
+    // A short refresh period: the saved segment catches up with the clock with no write.
+    let server = TestServer::start_with(
+        ServerOptions::default()
+            .clock(clock.clone())
+            .time_refresh(Duration::from_millis(50)),
+    )
+    .await;
     const DAY: i64 = 86_400_000;
     let users = (0..20)
         .map(|d| {
@@ -648,11 +653,40 @@ async fn segments_relative_to_now_follow_the_clock() {
     // Ten days later nobody signed up within the last week.
     clock.advance(Duration::from_secs(10 * 86_400));
     assert_eq!(count(&server, "", text("signup >= NOW - 7d")).await, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while get(&server, "recent").await.unwrap().size != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saved segment did not follow the clock within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         count(&server, "", segment_audience("recent")).await,
         0,
         "the saved segment agrees with its own expression"
     );
+    let mut query = server.query();
+    let u00 = query
+        .segments_for_user(pb::SegmentsForUserRequest {
+            dataset: String::new(),
+            user_id: "u00".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u00.segment_ids.is_empty());
+    // Moving the clock back to the first days brings the latest signups back.
+    clock.set(JAN_1_2026 + 2 * DAY);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while get(&server, "recent").await.unwrap().size != 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saved segment did not follow the clock back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count(&server, "", text("signup >= NOW - 7d")).await, 6);
     server.shutdown().await;
 }
 

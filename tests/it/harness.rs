@@ -247,6 +247,10 @@ impl TestServer {
         pb::schema_service_client::SchemaServiceClient::new(self.channel.clone())
     }
 
+    pub fn watch(&self) -> pb::watch_service_client::WatchServiceClient<Channel> {
+        pb::watch_service_client::WatchServiceClient::new(self.channel.clone())
+    }
+
     /// Triggers the shutdown future and waits for the server task, which must end cleanly.
     pub async fn shutdown(mut self) {
         if let Some(signal) = self.shutdown.take() {

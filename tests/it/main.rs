@@ -7,6 +7,7 @@ mod grpc_events;
 mod grpc_ingest;
 mod grpc_queries;
 mod grpc_segments;
+mod grpc_watch;
 mod harness;
 mod model;
 mod properties;
