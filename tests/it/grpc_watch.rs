@@ -612,3 +612,84 @@ async fn the_cli_prints_one_line_per_change_and_json_with_tokens() {
     assert_eq!(after.take(1).await, vec![entered("adults", "u9")]);
     server.shutdown().await;
 }
+
+fn event_at(user: &str, event: &str, ts: i64) -> pb::Event {
+    pb::Event {
+        user_id: user.to_owned(),
+        event: event.to_owned(),
+        ts: Some(prost_types::Timestamp {
+            seconds: ts.div_euclid(1000),
+            nanos: (ts.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+        value: None,
+    }
+}
+
+/// Event writes move users in; time alone (an injected clock, no write) moves them out of a
+/// `DID ... IN LAST 7d` segment and into its complement, and a watcher sees both, in order.
+#[tokio::test]
+async fn event_writes_and_the_passing_of_time_are_reported() {
+    const DAY: i64 = 86_400_000;
+    let clock = FixedClock::new(JAN_1_2026);
+    let server = TestServer::start_with(
+        ServerOptions::default()
+            .clock(clock.clone())
+            .time_refresh(std::time::Duration::from_millis(20)),
+    )
+    .await;
+    create_segment(&server, "", "recent", "DID purchase IN LAST 7d").await;
+    create_segment(&server, "", "lapsed", "NOT DID purchase IN LAST 7d").await;
+    let mut watch = watch(&server, &["recent", "lapsed"], "")
+        .await
+        .expect("watch");
+    let record = |events: Vec<pb::Event>| {
+        let mut ingest = server.ingest();
+        async move {
+            ingest
+                .record_events(pb::RecordEventsRequest {
+                    dataset: String::new(),
+                    events,
+                })
+                .await
+                .expect("record events")
+        }
+    };
+    // u1 bought 6 days ago, u2 3 days ago: both are new users, so both enter "recent".
+    record(vec![
+        event_at("u1", "purchase", JAN_1_2026 - 6 * DAY),
+        event_at("u2", "purchase", JAN_1_2026 - 3 * DAY),
+    ])
+    .await;
+    assert_eq!(
+        sorted_changes(watch.take(2).await),
+        vec![entered("recent", "u1"), entered("recent", "u2")]
+    );
+    // Two days later, with no write, u1's purchase is 8 days old: u1 moves to "lapsed".
+    clock.advance(std::time::Duration::from_millis(2 * DAY as u64));
+    assert_eq!(
+        sorted_changes(watch.take(2).await),
+        vec![entered("lapsed", "u1"), left("recent", "u1")]
+    );
+    let recent = server
+        .segments()
+        .get_segment(pb::GetSegmentRequest {
+            dataset: String::new(),
+            segment_id: "recent".into(),
+        })
+        .await
+        .expect("get segment")
+        .into_inner();
+    assert_eq!(recent.segment.map(|s| s.size), Some(1));
+    // A new purchase brings u1 back.
+    record(vec![event_at("u1", "purchase", JAN_1_2026 + 2 * DAY - 1)]).await;
+    assert_eq!(
+        sorted_changes(watch.take(2).await),
+        vec![left("lapsed", "u1"), entered("recent", "u1")]
+    );
+    server.shutdown().await;
+}
+
+fn sorted_changes(mut changes: Vec<Change>) -> Vec<Change> {
+    changes.sort();
+    changes
+}
