@@ -544,12 +544,11 @@ async fn import(
         }
         (ImportKind::Events, false) => {
             let mut first = Some(dataset);
-            let (chunks, total) = stream_file(file, move |arrow_ipc_chunk| {
-                pb::ImportEventsRequest {
+            let (chunks, total) =
+                stream_file(file, move |arrow_ipc_chunk| pb::ImportEventsRequest {
                     dataset: first.take().unwrap_or_default(),
                     arrow_ipc_chunk,
-                }
-            })?;
+                })?;
             (client.import_events(chunks).await?.into_inner(), total)
         }
     };
