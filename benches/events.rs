@@ -10,7 +10,7 @@
 //! - printed once: import throughput (events/s) and resident bytes per event.
 
 use std::hint::black_box;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -86,7 +86,7 @@ fn parquet_file(users: u64, events: u64) -> PathBuf {
 }
 
 /// Imports the file into an empty engine through the import path a server uses.
-fn import(path: &PathBuf) -> (Arc<DatasetState>, f64, u64) {
+fn import(path: &Path) -> (Arc<DatasetState>, f64, u64) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let engine = Engine::new(Limits::default(), Arc::new(SystemClock));
     let before = resident_bytes();
@@ -208,6 +208,9 @@ impl RawEvents {
     }
 }
 
+/// A query's scan of the raw events.
+type Scan = fn(&RawEvents) -> usize;
+
 const RECENT_NOT_LAST_WEEK: &str = "DID purchase IN LAST 30d AND NOT DID purchase IN LAST 7d";
 const CARTS_NO_PURCHASE: &str =
     "DID add_to_cart AT LEAST 3 TIMES IN LAST 14d AND NOT DID purchase IN LAST 14d";
@@ -229,7 +232,7 @@ fn benches(c: &mut Criterion) {
     );
     let raw = raw_events(users, count);
 
-    let queries: [(&str, &str, fn(&RawEvents) -> usize); 3] = [
+    let queries: [(&str, &str, Scan); 3] = [
         (
             "recent_not_last_week",
             RECENT_NOT_LAST_WEEK,

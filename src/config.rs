@@ -31,6 +31,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Users of generated demo data to load at start (0: none).
     pub demo_users: u64,
+    /// Behaviour events of those users to generate at start (0: none).
+    pub demo_events: u64,
     pub log_format: LogFormat,
     /// The only directory `ImportUsersFile` may read from; unset, any file the server can read
     /// (set it wherever callers are not trusted with the server's file system).
@@ -51,6 +53,7 @@ impl Default for Config {
             data_dir: None,
             redis_url: None,
             demo_users: 0,
+            demo_events: 0,
             log_format: LogFormat::Text,
             import_dir: None,
             max_message_bytes: 64 * 1024 * 1024,

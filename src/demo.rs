@@ -266,7 +266,10 @@ pub fn events(users: u64, count: u64, seed: u64, end: Millis) -> impl Iterator<I
         }
         left_in_session -= 1;
         let name = pick(&mut rng, EVENT_NAMES);
-        let event = EVENT_NAMES.iter().position(|(n, _)| *n == name).unwrap_or(0) as u8;
+        let event = EVENT_NAMES
+            .iter()
+            .position(|(n, _)| *n == name)
+            .unwrap_or(0) as u8;
         let ts = session.ts + rng.below(30 * 60_000) as Millis;
         let value = (name == "purchase").then(|| 5.0 + rng.below(50_000) as f64 / 100.0);
         DemoEvent {

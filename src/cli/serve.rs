@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Load N generated demo users into the `default` dataset at start.
     #[arg(long, env = "AUDIENCE_DEMO_USERS")]
     demo_users: Option<u64>,
+    /// Load N generated demo behaviour events (of the demo users) at start.
+    #[arg(long, env = "AUDIENCE_DEMO_EVENTS")]
+    demo_events: Option<u64>,
     /// The only directory server-side imports may read from.
     #[arg(long, env = "AUDIENCE_IMPORT_DIR")]
     import_dir: Option<PathBuf>,
@@ -71,6 +74,9 @@ impl ServeArgs {
         }
         if let Some(n) = self.demo_users {
             config.demo_users = n;
+        }
+        if let Some(n) = self.demo_events {
+            config.demo_events = n;
         }
         if let Some(dir) = &self.import_dir {
             config.import_dir = Some(dir.clone());
@@ -125,10 +131,13 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         import_dir: config.import_dir.clone(),
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
     };
-    let demo_users = config.demo_users;
+    let (demo_users, demo_events) = (config.demo_users, config.demo_events);
     let ready = async move {
         if demo_users > 0 {
             load_demo(&engine, demo_users).await;
+        }
+        if demo_users > 0 && demo_events > 0 {
+            load_demo_events(&engine, demo_users, demo_events).await;
         }
     };
     serve(services, listener, ready, shutdown_signal()).await?;
@@ -166,6 +175,44 @@ async fn load_demo(engine: &Engine, users: u64) {
             "demo dataset loaded"
         ),
         Err(error) => tracing::error!(%error, "demo dataset failed to load"),
+    }
+}
+
+/// Loads demo behaviour events of the demo users over the year before now, logging progress
+/// every ~10%.
+async fn load_demo_events(engine: &Engine, users: u64, events: u64) {
+    const BATCH_ROWS: u64 = 64 * 1024;
+    let started = std::time::Instant::now();
+    let result = async {
+        let mut import = engine.begin_import(DEFAULT_DATASET).await?;
+        let generated = crate::demo::events(users, events, 42, engine.now());
+        let mut chunk = Vec::with_capacity(BATCH_ROWS as usize);
+        let mut loaded = 0u64;
+        let step = (events / 10).max(1);
+        for event in generated {
+            chunk.push(event);
+            if chunk.len() as u64 == BATCH_ROWS || loaded + chunk.len() as u64 == events {
+                loaded += chunk.len() as u64;
+                import
+                    .apply_events(crate::demo::events_batch(&chunk))
+                    .await?;
+                chunk.clear();
+                if loaded % step < BATCH_ROWS || loaded == events {
+                    tracing::info!(loaded, events, "loading demo events");
+                }
+            }
+        }
+        import.settle().await?;
+        import.commit()
+    }
+    .await;
+    match result {
+        Ok(outcome) => tracing::info!(
+            events = outcome.events,
+            seconds = started.elapsed().as_secs_f64(),
+            "demo events loaded"
+        ),
+        Err(error) => tracing::error!(%error, "demo events failed to load"),
     }
 }
 

@@ -71,6 +71,8 @@ pub enum EngineError {
     },
     #[error("import: {0}")]
     Import(String),
+    #[error("import: row {row}: {message}")]
+    ImportRow { row: u64, message: String },
     #[error("import: column '{column}' has type {data_type}, which maps to no attribute kind")]
     UnsupportedColumn { column: String, data_type: String },
     #[error("import: {0}")]

@@ -36,6 +36,14 @@ pub struct StagedEvents {
     pub touched: Bitmap,
 }
 
+/// An error at one row of the batch being read; [`stage_batch`] makes the row absolute.
+fn at_row(row: usize, message: String) -> EngineError {
+    EngineError::ImportRow {
+        row: row as u64,
+        message,
+    }
+}
+
 /// Reads one batch into `staged`, creating unknown users in `state`; events before `cutoff`
 /// are counted as expired and dropped.
 ///
@@ -43,6 +51,21 @@ pub struct StagedEvents {
 /// A missing, null or mistyped column, an extra column, or an invalid id or name, naming the
 /// column and row.
 pub fn stage_batch(
+    state: &mut DatasetState,
+    batch: &RecordBatch,
+    (cutoff, first_row): (Millis, u64),
+    staged: &mut StagedEvents,
+) -> Result<ChangeOutcome> {
+    stage_rows(state, batch, cutoff, staged).map_err(|error| match error {
+        EngineError::ImportRow { row, message } => EngineError::ImportRow {
+            row: row + first_row,
+            message,
+        },
+        other => other,
+    })
+}
+
+fn stage_rows(
     state: &mut DatasetState,
     batch: &RecordBatch,
     cutoff: Millis,
@@ -98,9 +121,7 @@ pub fn stage_batch(
 fn user_ids(state: &mut DatasetState, column: &ArrayRef) -> Result<(Vec<DenseId>, ChangeOutcome)> {
     if column.null_count() > 0 {
         let row = (0..column.len()).find(|&r| column.is_null(r)).unwrap_or(0);
-        return Err(EngineError::Import(format!(
-            "row {row}: column '{USER_COLUMN}' is null"
-        )));
+        return Err(at_row(row, format!("column '{USER_COLUMN}' is null")));
     }
     let mut outcome = ChangeOutcome::default();
     let mut created = Vec::new();
@@ -108,7 +129,7 @@ fn user_ids(state: &mut DatasetState, column: &ArrayRef) -> Result<(Vec<DenseId>
         let (id, new) = state
             .keys
             .get_or_insert(key)
-            .map_err(|e| EngineError::Import(format!("row {row}: {e}")))?;
+            .map_err(|e| at_row(row, e.to_string()))?;
         if new {
             outcome.created += 1;
             created.push(id);
@@ -166,9 +187,7 @@ fn strings(name: &str, array: &ArrayRef) -> Result<StringArray> {
 fn event_codes(column: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
     let null_row = (0..column.len()).find(|&r| column.is_null(r));
     if let Some(row) = null_row {
-        return Err(EngineError::Import(format!(
-            "row {row}: column '{EVENT_COLUMN}' is null"
-        )));
+        return Err(at_row(row, format!("column '{EVENT_COLUMN}' is null")));
     }
     let mut names = Vec::new();
     let mut index: HashMap<String, u32> = HashMap::new();
@@ -176,8 +195,7 @@ fn event_codes(column: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
         if let Some(&code) = index.get(name) {
             return Ok(code);
         }
-        validate_event_name(name)
-            .map_err(|reason| EngineError::Import(format!("row {row}: {reason}")))?;
+        validate_event_name(name).map_err(|reason| at_row(row, reason))?;
         let code = names.len() as u32;
         names.push(name.to_owned());
         index.insert(name.to_owned(), code);
@@ -217,9 +235,7 @@ fn event_codes(column: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
 /// as milliseconds.
 fn timestamps(column: &ArrayRef) -> Result<arrow_array::TimestampMillisecondArray> {
     if let Some(row) = (0..column.len()).find(|&r| column.is_null(r)) {
-        return Err(EngineError::Import(format!(
-            "row {row}: column '{TS_COLUMN}' is null"
-        )));
+        return Err(at_row(row, format!("column '{TS_COLUMN}' is null")));
     }
     let usable = matches!(
         column.data_type(),
@@ -258,9 +274,10 @@ fn check_values(column: &ArrayRef) -> Result<()> {
     if let Some(row) =
         (0..floats.len()).find(|&r| floats.is_valid(r) && !floats.value(r).is_finite())
     {
-        return Err(EngineError::Import(format!(
-            "row {row}: column '{VALUE_COLUMN}' is not a finite number"
-        )));
+        return Err(at_row(
+            row,
+            format!("column '{VALUE_COLUMN}' is not a finite number"),
+        ));
     }
     Ok(())
 }

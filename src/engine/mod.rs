@@ -383,6 +383,7 @@ impl Engine {
             outcome: ChangeOutcome::default(),
             now: self.now(),
             staged: event_import::StagedEvents::default(),
+            rows: 0,
             bounds: feed::FeedBounds::from(&self.limits),
         })
     }
@@ -476,6 +477,8 @@ pub struct Import {
     now: Millis,
     /// Events read so far, merged into the index by [`Import::settle`].
     staged: event_import::StagedEvents,
+    /// Rows of events read so far, to name a bad row by its place in the whole import.
+    rows: u64,
     /// How much of the import's transitions the watch feed keeps.
     bounds: feed::FeedBounds,
 }
@@ -514,8 +517,11 @@ impl Import {
             .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
         let mut staged = std::mem::take(&mut self.staged);
         let cutoff = state.retention_cutoff(self.now);
+        let first_row = self.rows;
+        self.rows += batch.num_rows() as u64;
         let (state, staged, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = event_import::stage_batch(&mut state, &batch, cutoff, &mut staged)?;
+            let at = (cutoff, first_row);
+            let outcome = event_import::stage_batch(&mut state, &batch, at, &mut staged)?;
             Ok::<_, EngineError>((state, staged, outcome))
         })
         .await

@@ -450,8 +450,12 @@ pub fn events(events: &[pb::Event], field: &str) -> Result<Vec<EventRecord>, Sta
             if e.user_id.is_empty() {
                 return Err(invalid(&at("user_id"), "must not be empty"));
             }
-            if e.event.is_empty() {
-                return Err(invalid(&at("event"), "must not be empty"));
+            crate::index::keys::validate_key(&e.user_id)
+                .map_err(|reason| invalid(&at("user_id"), &reason.to_string()))?;
+            crate::engine::events::validate_event_name(&e.event)
+                .map_err(|reason| invalid(&at("event"), &reason))?;
+            if e.value.is_some_and(|v| !v.is_finite()) {
+                return Err(invalid(&at("value"), "must be a finite number"));
             }
             let ts = millis_from(e.ts.as_ref(), &at("ts"))?
                 .ok_or_else(|| invalid(&at("ts"), "is required"))?;

@@ -34,6 +34,7 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::Key(_)
         | EngineError::InvalidEvent { .. }
         | EngineError::Import(_)
+        | EngineError::ImportRow { .. }
         | EngineError::UnsupportedColumn { .. }
         | EngineError::Arrow(_)
         | EngineError::Parquet(_)

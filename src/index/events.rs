@@ -128,6 +128,21 @@ impl DayBucket {
         (!kept.is_empty()).then(|| Self::from_sorted(&kept))
     }
 
+    /// Whether any event lies before `offset`.
+    fn times_before(&self, offset: u32) -> bool {
+        offset > 0 && self.times.iter().any(|&t| t < offset)
+    }
+
+    /// This bucket without the events before `offset`, or `None` when nothing is left.
+    fn from_offset(&self, offset: u32) -> Option<Self> {
+        let kept: Vec<PackedEvent> = self
+            .packed()
+            .into_iter()
+            .filter(|&e| unpack(e).1 >= offset)
+            .collect();
+        (!kept.is_empty()).then(|| Self::from_sorted(&kept))
+    }
+
     /// Events of the `i`-th user with an offset in `[lo, hi)`.
     fn count_run(&self, i: usize, lo: u32, hi: u32) -> u32 {
         let run = self.run(i);
@@ -387,26 +402,28 @@ impl EventStore {
         }
     }
 
-    /// Drops every event before `cutoff` (it never moves back). Whole days go at once; the
-    /// day holding the cutoff keeps its earlier events, masked by [`Self::clamp`], until it
-    /// ends.
+    /// Drops every event before `cutoff` (it never moves back): whole days at once, and the
+    /// earlier part of the day holding the cutoff.
     pub fn retain_from(&mut self, cutoff: Millis) {
         if cutoff <= self.cutoff {
             return;
         }
         self.cutoff = cutoff;
-        let first_kept = cutoff.div_euclid(DAY_MS);
+        let (first_kept, offset) = day_of(cutoff);
         self.series.retain(|_, series| {
-            if series
-                .days
-                .first_key_value()
-                .is_some_and(|(&d, _)| d < first_kept)
-            {
+            let stale = series.days.first_key_value().is_some_and(|(&d, bucket)| {
+                d < first_kept || (d == first_kept && bucket.times_before(offset))
+            });
+            if stale {
                 let series = Arc::make_mut(series);
-                let kept = series.days.split_off(&first_kept);
-                let dropped: u64 = series.days.values().map(|b| b.events()).sum();
+                let mut kept = series.days.split_off(&first_kept);
+                if let Some(boundary) = kept.remove(&first_kept) {
+                    if let Some(rest) = boundary.from_offset(offset) {
+                        kept.insert(first_kept, Arc::new(rest));
+                    }
+                }
                 series.days = kept;
-                series.events -= dropped;
+                series.events = series.days.values().map(|b| b.events()).sum();
             }
             !series.days.is_empty()
         });
@@ -546,11 +563,18 @@ mod tests {
 
     #[test]
     fn retention_and_deletes_drop_events() {
-        let mut s = store(&[(1, "a", 0), (2, "a", 2 * DAY_MS + 7), (2, "b", 5)]);
+        let mut s = store(&[
+            (1, "a", 0),
+            (2, "a", 2 * DAY_MS + 7),
+            (3, "a", 2 * DAY_MS + 9),
+            (2, "b", 5),
+        ]);
         s.retain_from(DAY_MS + 3);
-        assert_eq!(s.series("a").map(|x| x.events()), Some(1));
+        assert_eq!(s.series("a").map(|x| x.events()), Some(2));
         assert!(s.series("b").is_none());
-        s.remove_users(&[2].into_iter().collect());
+        s.retain_from(2 * DAY_MS + 8);
+        assert_eq!(s.series("a").map(|x| x.events()), Some(1));
+        s.remove_users(&[3].into_iter().collect());
         assert!(s.series("a").is_none());
         assert_eq!(s.events(), 0);
     }
