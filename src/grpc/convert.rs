@@ -451,9 +451,9 @@ pub fn events(events: &[pb::Event], field: &str) -> Result<Vec<EventRecord>, Sta
                 return Err(invalid(&at("user_id"), "must not be empty"));
             }
             crate::index::keys::validate_key(&e.user_id)
-                .map_err(|reason| invalid(&at("user_id"), &reason.to_string()))?;
+                .map_err(|reason| invalid(&at("user_id"), reason))?;
             crate::engine::events::validate_event_name(&e.event)
-                .map_err(|reason| invalid(&at("event"), &reason))?;
+                .map_err(|reason| invalid(&at("event"), reason))?;
             if e.value.is_some_and(|v| !v.is_finite()) {
                 return Err(invalid(&at("value"), "must be a finite number"));
             }

@@ -134,7 +134,7 @@ impl DayBucket {
     }
 
     /// This bucket without the events before `offset`, or `None` when nothing is left.
-    fn from_offset(&self, offset: u32) -> Option<Self> {
+    fn trimmed_before(&self, offset: u32) -> Option<Self> {
         let kept: Vec<PackedEvent> = self
             .packed()
             .into_iter()
@@ -418,7 +418,7 @@ impl EventStore {
                 let series = Arc::make_mut(series);
                 let mut kept = series.days.split_off(&first_kept);
                 if let Some(boundary) = kept.remove(&first_kept) {
-                    if let Some(rest) = boundary.from_offset(offset) {
+                    if let Some(rest) = boundary.trimmed_before(offset) {
                         kept.insert(first_kept, Arc::new(rest));
                     }
                 }
