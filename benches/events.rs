@@ -251,6 +251,19 @@ fn benches(c: &mut Criterion) {
         ),
         ("frequent_views", FREQUENT_VIEWS, RawEvents::frequent_views),
     ];
+    for (name, days) in [("purchase", 30), ("add_to_cart", 14), ("page_view", 90)] {
+        if let Some(series) = state.events.series(name) {
+            let window = audience::index::events::TimeWindow {
+                start: AS_OF - days * DAY,
+                end: AS_OF,
+            };
+            eprintln!(
+                "{name}: {} events, {} (user, day) pairs in the last {days} days",
+                series.events(),
+                series.pairs(window)
+            );
+        }
+    }
     let mut group = c.benchmark_group("did");
     group.sample_size(20);
     for (name, text, run_scan) in queries {

@@ -154,43 +154,53 @@ impl DayBucket {
         (to - from) as u32
     }
 
-    /// Adds the counts of the users at `range` (all in the id block starting at `base`) within
-    /// `span` to `counts`, pushing to `reached` the users whose count reaches `k`.
-    fn add_counts(
+    /// Adds the counts within `span` of the users from index `from` up to id `limit` (all in
+    /// the id block starting at `base`) to `counts`, pushing to `reached` the users whose count
+    /// reaches `k`. Returns the index after the last user added.
+    #[allow(clippy::too_many_arguments)]
+    fn add_counts<C: Counter>(
         &self,
-        range: std::ops::Range<usize>,
+        from: usize,
+        limit: u64,
         span: DaySpan,
         base: DenseId,
-        k: u32,
-        counts: &mut [u32],
+        k: C,
+        counts: &mut [C],
         reached: &mut Vec<DenseId>,
-    ) {
+    ) -> usize {
         let mut add = |id: DenseId, n: u32| {
             let slot = &mut counts[(id - base) as usize];
             let before = *slot;
-            *slot = before.saturating_add(n);
+            *slot = before.plus(n);
             if before < k && *slot >= k {
                 reached.push(id);
             }
         };
+        let ids = &self.ids[from..];
+        let mut taken = 0;
         if span.is_whole() {
-            let mut start = if range.start == 0 {
-                0
-            } else {
-                self.ends[range.start - 1]
-            };
-            for (&id, &end) in self.ids[range.clone()].iter().zip(&self.ends[range]) {
+            let mut start = if from == 0 { 0 } else { self.ends[from - 1] };
+            for (&id, &end) in ids.iter().zip(&self.ends[from..]) {
+                if u64::from(id) >= limit {
+                    break;
+                }
                 add(id, end - start);
                 start = end;
+                taken += 1;
             }
         } else {
-            for i in range {
-                let n = self.count_run(i, span.lo, span.hi);
-                if n > 0 {
-                    add(self.ids[i], n);
+            for &id in ids {
+                if u64::from(id) >= limit {
+                    break;
                 }
+                let n = self.count_run(from + taken, span.lo, span.hi);
+                if n > 0 {
+                    add(id, n);
+                }
+                taken += 1;
             }
         }
+        from + taken
     }
 
     /// Events of `user` with an offset in `[lo, hi)`.
@@ -219,6 +229,24 @@ impl DayBucket {
     fn heap_bytes(&self) -> usize {
         self.users.serialized_size()
             + 4 * (self.ids.capacity() + self.ends.capacity() + self.times.capacity())
+    }
+}
+
+/// A saturating per-user event counter.
+trait Counter: Copy + Default + Ord {
+    /// `self + n`, saturating.
+    fn plus(self, n: u32) -> Self;
+}
+
+impl Counter for u8 {
+    fn plus(self, n: u32) -> Self {
+        self.saturating_add(u8::try_from(n).unwrap_or(u8::MAX))
+    }
+}
+
+impl Counter for u32 {
+    fn plus(self, n: u32) -> Self {
+        self.saturating_add(n)
     }
 }
 
@@ -304,7 +332,7 @@ impl EventSeries {
         if window.start >= window.end || k == 0 {
             return Bitmap::new();
         }
-        let pairs: u64 = self.spans(window).map(|(b, _)| b.ids.len() as u64).sum();
+        let pairs = self.pairs(window);
         match within {
             // A few users (a write's touched users) are looked up one by one.
             Some(scope) if scope.len().saturating_mul(64) < pairs => {
@@ -319,30 +347,31 @@ impl EventSeries {
         if k == 1 {
             return self.select_any(window);
         }
-        let Ok(k) = u32::try_from(k) else {
-            return Bitmap::new();
-        };
+        // The narrowest counter that can hold k keeps the buffer in the closest cache.
+        match (u8::try_from(k), u32::try_from(k)) {
+            (Ok(k), _) => self.count_up(window, k),
+            (_, Ok(k)) => self.count_up(window, k),
+            // Nobody holds 4 billion events of one name.
+            _ => Bitmap::new(),
+        }
+    }
+
+    /// Users with at least `k` events in `window`, by adding counts one block of 65,536 ids
+    /// at a time in a buffer that stays in cache: every day's ids are sorted, so each day is
+    /// walked once, a block after the other, and a user is recorded the moment it reaches k.
+    fn count_up<C: Counter>(&self, window: TimeWindow, k: C) -> Bitmap {
         let spans: Vec<(&DayBucket, DaySpan)> = self.spans(window).collect();
         let mut cursors = vec![0usize; spans.len()];
-        // Counts add up one block of 65,536 ids at a time, in a buffer that stays in cache:
-        // every day's ids are sorted, so each day is walked once, a block after the other.
-        // A user is recorded the moment its count reaches k.
-        let mut counts = vec![0u32; BLOCK_IDS];
+        let mut counts = vec![C::default(); BLOCK_IDS];
         let mut reached = Vec::new();
         while let Some(block) = next_block(&spans, &cursors) {
             let base = block << 16;
-            let starts = cursors.clone();
+            let limit = u64::from(base) + BLOCK_IDS as u64;
             for ((bucket, span), cursor) in spans.iter().zip(cursors.iter_mut()) {
-                let from = *cursor;
-                let to = from + bucket.ids[from..].partition_point(|&id| id >> 16 == block);
-                bucket.add_counts(from..to, *span, base, k, &mut counts, &mut reached);
-                *cursor = to;
+                *cursor =
+                    bucket.add_counts(*cursor, limit, *span, base, k, &mut counts, &mut reached);
             }
-            for ((bucket, _), (&from, &to)) in spans.iter().zip(starts.iter().zip(&cursors)) {
-                for &id in &bucket.ids[from..to] {
-                    counts[(id - base) as usize] = 0;
-                }
-            }
+            counts.fill(C::default());
         }
         reached.sort_unstable();
         Bitmap::from_sorted_iter(reached).unwrap_or_default()
@@ -376,6 +405,11 @@ impl EventSeries {
             false
         });
         Bitmap::from_sorted_iter(matches).unwrap_or_default()
+    }
+
+    /// The (user, day) pairs a window covers: the work of counting over it.
+    pub fn pairs(&self, window: TimeWindow) -> u64 {
+        self.spans(window).map(|(b, _)| b.ids.len() as u64).sum()
     }
 
     /// An upper bound of the users any window selects: everyone with an event in it.
@@ -620,6 +654,22 @@ mod tests {
             let scope: Bitmap = scope.into_iter().collect();
             proptest::prop_assert_eq!(series.select_each(window, k, &scope), &expected & &scope);
         }
+    }
+
+    #[test]
+    fn counts_beyond_a_byte_use_wide_counters() {
+        let mut rows: Vec<(DenseId, &str, Millis)> = (0..300).map(|i| (70_000, "v", i)).collect();
+        rows.extend((0..255).map(|i| (5, "v", DAY_MS + i)));
+        let v = store(&rows).series("v").cloned().unwrap_or_default();
+        let all = TimeWindow {
+            start: 0,
+            end: 2 * DAY_MS,
+        };
+        assert_eq!(ids(&v.select(all, 255, None)), [5, 70_000]);
+        assert_eq!(ids(&v.select(all, 256, None)), [70_000]);
+        assert_eq!(ids(&v.select(all, 300, None)), [70_000]);
+        assert!(v.select(all, 301, None).is_empty());
+        assert!(v.select(all, u64::MAX, None).is_empty());
     }
 
     #[test]
