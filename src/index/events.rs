@@ -223,6 +223,21 @@ impl DayBucket {
     }
 }
 
+/// The positions of the set bits of `words`, ascending.
+fn set_bits(words: &[u64]) -> impl Iterator<Item = DenseId> + '_ {
+    words.iter().enumerate().flat_map(|(index, &word)| {
+        let base = (index as DenseId) << 6;
+        let mut rest = word;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                base + bit
+            })
+        })
+    })
+}
+
 /// A saturating per-user event counter.
 trait Counter: Copy + Default + Ord {
     /// `self + n`, saturating.
@@ -388,17 +403,17 @@ impl EventSeries {
                 .filter(move |&(i, _)| whole || bucket.count_run(i, span.lo, span.hi) > 0)
                 .map(|(_, &id)| id)
         });
-        if pairs.saturating_mul(64) < bound {
+        if pairs.saturating_mul(1024) < bound {
             let mut ids: Vec<DenseId> = ids_in.collect();
             ids.sort_unstable();
             ids.dedup();
             return Bitmap::from_sorted_iter(ids).unwrap_or_default();
         }
-        let mut bits = vec![0u8; bound.div_ceil(8)];
+        let mut words = vec![0u64; bound.div_ceil(64)];
         for id in &mut ids_in {
-            bits[(id >> 3) as usize] |= 1 << (id & 7);
+            words[(id >> 6) as usize] |= 1 << (id & 63);
         }
-        Bitmap::from_lsb0_bytes(0, &bits)
+        Bitmap::from_sorted_iter(set_bits(&words)).unwrap_or_default()
     }
 
     fn select_each(&self, window: TimeWindow, k: u64, scope: &Bitmap) -> Bitmap {
