@@ -350,24 +350,19 @@ impl pb::ingest_service_server::IngestService for IngestApi {
 
     type ImportUsersStream = ProgressStream;
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(dataset))]
     async fn import_users(
         &self,
         request: Request<Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<Self::ImportUsersStream>, Status> {
-        let deadline = deadline(&request);
-        let mut input = request.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
+        let (deadline, first, input) = first_message(request).await?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
-        let engine = self.engine.clone();
         let start = (
             first.dataset,
             ImportKind::users(&first.id_column),
             first.arrow_ipc_chunk,
         );
+        let engine = self.engine.clone();
         Ok(Response::new(spawn_import(deadline, |progress| {
             import_stream(engine, start, input, |m| m.arrow_ipc_chunk, progress)
         })))
@@ -382,19 +377,8 @@ impl pb::ingest_service_server::IngestService for IngestApi {
     ) -> Result<Response<Self::ImportUsersFileStream>, Status> {
         let deadline = deadline(&request);
         let request = request.into_inner();
-        if request.path.is_empty() {
-            return Err(invalid("path", "must not be empty"));
-        }
-        self.check_import_path(&request.path)?;
-        let engine = self.engine.clone();
-        let source = (
-            request.dataset,
-            request.path,
-            ImportKind::users(&request.id_column),
-        );
-        Ok(Response::new(spawn_import(deadline, |progress| {
-            import_file(engine, source, progress)
-        })))
+        let kind = ImportKind::users(&request.id_column);
+        self.file_import(deadline, (request.dataset, request.path, kind))
     }
 
     #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, events = request.get_ref().events.len()))]
@@ -438,12 +422,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::ImportEventsRequest>>,
     ) -> Result<Response<Self::ImportEventsStream>, Status> {
-        let deadline = deadline(&request);
-        let mut input = request.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
+        let (deadline, first, input) = first_message(request).await?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
         let engine = self.engine.clone();
         let start = (first.dataset, ImportKind::Events, first.arrow_ipc_chunk);
@@ -461,19 +440,43 @@ impl pb::ingest_service_server::IngestService for IngestApi {
     ) -> Result<Response<Self::ImportEventsFileStream>, Status> {
         let deadline = deadline(&request);
         let request = request.into_inner();
-        if request.path.is_empty() {
+        self.file_import(
+            deadline,
+            (request.dataset, request.path, ImportKind::Events),
+        )
+    }
+}
+
+/// The deadline, the first message (which names the dataset) and the rest of an import stream.
+async fn first_message<M>(
+    request: Request<Streaming<M>>,
+) -> Result<(Option<tokio::time::Instant>, M, Streaming<M>), Status> {
+    let deadline = deadline(&request);
+    let mut input = request.into_inner();
+    let first = input
+        .message()
+        .await?
+        .ok_or_else(|| invalid("dataset", "the import stream sent no message"))?;
+    Ok((deadline, first, input))
+}
+
+impl IngestApi {
+    /// Starts a server-side file import of `(dataset, path, kind)`.
+    fn file_import(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        source: (String, String, ImportKind),
+    ) -> Result<Response<ProgressStream>, Status> {
+        if source.1.is_empty() {
             return Err(invalid("path", "must not be empty"));
         }
-        self.check_import_path(&request.path)?;
+        self.check_import_path(&source.1)?;
         let engine = self.engine.clone();
-        let source = (request.dataset, request.path, ImportKind::Events);
         Ok(Response::new(spawn_import(deadline, |progress| {
             import_file(engine, source, progress)
         })))
     }
-}
 
-impl IngestApi {
     /// Records one batch of events; `field` prefixes error fields.
     async fn record(
         &self,
