@@ -59,8 +59,12 @@ pub enum EngineError {
         user_id: String,
         reason: Box<EngineError>,
     },
-    #[error("event {index}: {reason}")]
-    InvalidEvent { index: usize, reason: String },
+    #[error("events[{index}].{field}: {reason}")]
+    InvalidEvent {
+        index: usize,
+        field: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("{what} is {actual}, more than the limit of {limit}")]

@@ -14,7 +14,7 @@ use arrow_schema::{DataType, TimeUnit};
 
 use super::change::ChangeOutcome;
 use super::error::{EngineError, Result};
-use super::events::validate_event_name;
+use super::events::{validate_event_name, validate_event_time};
 use super::import::strict_cast;
 use super::state::DatasetState;
 use crate::index::events::{day_of, pack, EventBatch, PackedEvent};
@@ -53,10 +53,10 @@ fn at_row(row: usize, message: String) -> EngineError {
 pub fn stage_batch(
     state: &mut DatasetState,
     batch: &RecordBatch,
-    (cutoff, first_row): (Millis, u64),
+    (cutoff, now, first_row): (Millis, Millis, u64),
     staged: &mut StagedEvents,
 ) -> Result<ChangeOutcome> {
-    stage_rows(state, batch, cutoff, staged).map_err(|error| match error {
+    stage_rows(state, batch, (cutoff, now), staged).map_err(|error| match error {
         EngineError::ImportRow { row, message } => EngineError::ImportRow {
             row: row + first_row,
             message,
@@ -68,7 +68,7 @@ pub fn stage_batch(
 fn stage_rows(
     state: &mut DatasetState,
     batch: &RecordBatch,
-    cutoff: Millis,
+    (cutoff, now): (Millis, Millis),
     staged: &mut StagedEvents,
 ) -> Result<ChangeOutcome> {
     let schema = batch.schema();
@@ -92,6 +92,13 @@ fn stage_rows(
         check_values(values)?;
     }
     let mut groups: Vec<HashMap<i64, Vec<PackedEvent>>> = vec![HashMap::new(); names.len()];
+    if let Some(row) = (0..times.len()).find(|&r| validate_event_time(times.value(r), now).is_err())
+    {
+        let reason = validate_event_time(times.value(row), now)
+            .err()
+            .unwrap_or_default();
+        return Err(at_row(row, format!("column '{TS_COLUMN}': {reason}")));
+    }
     for row in 0..batch.num_rows() {
         let ts = times.value(row);
         // A user created by an expired event still exists, and can enter a NOT segment.

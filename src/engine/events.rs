@@ -5,6 +5,8 @@
 //! `signup_ts >= NOW - 30d`) changes only for users with an event or a value in the strip of
 //! time its window edges swept over; [`DatasetState::advance_time`] re-evaluates exactly those.
 
+use std::collections::BTreeSet;
+
 use super::change::{ChangeOutcome, EventRecord};
 use super::error::{EngineError, Result};
 use super::plan::Binder;
@@ -41,10 +43,36 @@ pub fn validate_event_name(name: &str) -> std::result::Result<(), String> {
 }
 
 /// Checks one event's own fields (not its user).
-fn validate_event(event: &EventRecord) -> std::result::Result<(), String> {
-    validate_event_name(&event.event)?;
+/// How far ahead of the server's clock an event may be: clocks drift, but an event from the
+/// far future (often a timestamp in the wrong unit) would match windowless DIDs at once and
+/// never expire.
+pub const MAX_EVENT_FUTURE_MS: Millis = DAY_MS;
+
+/// Checks an event's time against the server's clock.
+///
+/// # Errors
+/// The reason a time is refused.
+pub fn validate_event_time(ts: Millis, now: Millis) -> std::result::Result<(), String> {
+    if ts > now.saturating_add(MAX_EVENT_FUTURE_MS) {
+        return Err(format!(
+            "{} is more than a day after the server's clock ({}); is it in the wrong unit?",
+            crate::time::format_rfc3339(ts),
+            crate::time::format_rfc3339(now)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one event's own fields (not its user): the failing field and the reason.
+fn validate_event(
+    event: &EventRecord,
+    now: Millis,
+) -> std::result::Result<(), (&'static str, String)> {
+    validate_event_name(&event.event).map_err(|r| ("event", r))?;
+    crate::index::keys::validate_key(&event.user_id).map_err(|e| ("user_id", e.to_string()))?;
+    validate_event_time(event.ts, now).map_err(|r| ("ts", r))?;
     if event.value.is_some_and(|v| !v.is_finite()) {
-        return Err("value must be a finite number".into());
+        return Err(("value", "must be a finite number".into()));
     }
     Ok(())
 }
@@ -84,12 +112,10 @@ impl DatasetState {
         now: Millis,
     ) -> Result<(ChangeOutcome, Bitmap)> {
         for (index, event) in events.iter().enumerate() {
-            validate_event(event).map_err(|reason| EngineError::InvalidEvent { index, reason })?;
-            crate::index::keys::validate_key(&event.user_id).map_err(|e| {
-                EngineError::InvalidEvent {
-                    index,
-                    reason: e.to_string(),
-                }
+            validate_event(event, now).map_err(|(field, reason)| EngineError::InvalidEvent {
+                index,
+                field,
+                reason,
             })?;
         }
         let cutoff = self.retention_cutoff(now);
@@ -141,63 +167,73 @@ impl DatasetState {
     /// Users whose membership in some segment can differ between `then` and `now`: those with
     /// an event or a value in a strip a window edge swept over, or in the events retention drops.
     fn moved_users(&self, then: Millis, now: Millis, cutoff: Millis) -> Bitmap {
-        let mut moved = Bitmap::new();
         let swept = |from: Millis, to: Millis| TimeWindow {
             start: from.min(to),
             end: from.max(to),
         };
         let expired = swept(self.events.cutoff(), cutoff);
+        // Many segments share events, windows and bounds: each strip is read once.
+        let mut event_strips: BTreeSet<(&str, Millis, Millis)> = BTreeSet::new();
+        let mut value_strips: BTreeSet<(&str, Millis)> = BTreeSet::new();
         for segment in self.segments.values() {
             for predicate in segment.definition.expression.predicates() {
                 match predicate {
                     Predicate::Did { event, window, .. } => {
                         let mut strips = vec![expired];
                         strips.extend(window_edges(window.as_ref(), then, now, &swept));
-                        for strip in strips {
-                            moved |= self.events.users_in(&[event.as_str()], strip);
+                        for strip in strips.into_iter().filter(|s| s.start < s.end) {
+                            event_strips.insert((event.as_str(), strip.start, strip.end));
                         }
                     }
                     Predicate::Compare {
                         attribute, value, ..
-                    } => moved |= self.value_strip(attribute, [value], then, now),
+                    } => value_strips.extend(now_shift(value).map(|s| (attribute.as_str(), s))),
                     Predicate::Between {
                         attribute,
                         low,
                         high,
-                    } => moved |= self.value_strip(attribute, [low, high], then, now),
+                    } => value_strips.extend(
+                        [low, high]
+                            .into_iter()
+                            .filter_map(now_shift)
+                            .map(|s| (attribute.as_str(), s)),
+                    ),
                     _ => {}
                 }
             }
         }
+        let mut moved = Bitmap::new();
+        for (event, start, end) in event_strips {
+            moved |= self.events.users_in(&[event], TimeWindow { start, end });
+        }
+        for (attribute, shift) in value_strips {
+            moved |= self.value_strip(attribute, shift, then, now);
+        }
         moved
     }
 
-    /// Users whose `attribute` lies between where a `NOW` bound was at `then` and is at `now`.
-    fn value_strip<'a>(
-        &self,
-        attribute: &str,
-        bounds: impl IntoIterator<Item = &'a Value>,
-        then: Millis,
-        now: Millis,
-    ) -> Bitmap {
-        let mut moved = Bitmap::new();
-        for bound in bounds {
-            let Value::Now { offset } = bound else {
-                continue;
-            };
-            let shift = offset.map_or(0, |o| o.as_millis());
-            let (a, b) = (then.saturating_add(shift), now.saturating_add(shift));
-            let strip = Expr::Predicate(Predicate::Between {
-                attribute: attribute.to_owned(),
-                low: Value::Literal(Literal::Int(a.min(b))),
-                high: Value::Literal(Literal::Int(a.max(b))),
-            });
-            // A segment that binds also binds this (the same attribute, as a timestamp).
-            if let Ok(plan) = Binder::new(self, now).bind(&strip) {
-                moved |= plan.select(super::eval::Scope::All(&self.live));
-            }
+    /// Users whose `attribute` lies between where a `NOW + shift` bound was at `then` and is
+    /// at `now`, both ends included.
+    fn value_strip(&self, attribute: &str, shift: Millis, then: Millis, now: Millis) -> Bitmap {
+        let (a, b) = (then.saturating_add(shift), now.saturating_add(shift));
+        let strip = Expr::Predicate(Predicate::Between {
+            attribute: attribute.to_owned(),
+            low: Value::Literal(Literal::Int(a.min(b))),
+            high: Value::Literal(Literal::Int(a.max(b))),
+        });
+        // A segment that binds also binds this (the same attribute, as a timestamp).
+        match Binder::new(self, now).bind(&strip) {
+            Ok(plan) => plan.select(super::eval::Scope::All(&self.live)),
+            Err(_) => Bitmap::new(),
         }
-        moved
+    }
+}
+
+/// The shift of a `NOW [± d]` bound; `None` for a constant.
+fn now_shift(value: &Value) -> Option<Millis> {
+    match value {
+        Value::Now { offset } => Some(offset.map_or(0, |o| o.as_millis())),
+        Value::Literal(_) => None,
     }
 }
 

@@ -67,6 +67,25 @@ pub struct SegmentTransition {
 }
 
 impl DatasetState {
+    /// Replaces the transitions recorded batch by batch (an import) with each segment's net
+    /// change since `before`, so that a user who entered in one batch and left in a later one
+    /// is not reported at all, and watchers get one entry per segment.
+    pub fn net_transitions(&mut self, before: &DatasetState) {
+        if self.transitions.is_empty() {
+            return;
+        }
+        self.transitions.clear();
+        let empty = Bitmap::new();
+        for id in self.segment_order() {
+            let Some(segment) = self.segments.get(&id) else {
+                continue;
+            };
+            let after = segment.members.clone();
+            let was = before.segments.get(&id).map_or(&empty, |s| &*s.members);
+            self.record_transition(&id, &(&*after - was), &(was - &*after));
+        }
+    }
+
     fn record_transition(&mut self, segment: &str, entered: &Bitmap, left: &Bitmap) {
         if entered.is_empty() && left.is_empty() {
             return;
@@ -169,6 +188,8 @@ impl DatasetState {
                     });
                 }
                 self.retention_days = Some(*days);
+                self.events
+                    .lower_cutoff(now.saturating_sub(self.retention_ms()));
                 self.advance_time(now)?;
                 ChangeOutcome::default()
             }

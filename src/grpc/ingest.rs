@@ -387,7 +387,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         request: Request<pb::RecordEventsRequest>,
     ) -> Result<Response<pb::RecordEventsResponse>, Status> {
         let request = request.into_inner();
-        let outcome = self.record(request, "events").await?;
+        let outcome = self.record(request, None).await?;
         Ok(Response::new(outcome))
     }
 
@@ -404,8 +404,9 @@ impl pb::ingest_service_server::IngestService for IngestApi {
                 tracing::Span::current().record("dataset", message.dataset.as_str());
             }
             let outcome = self
-                .record(message, &format!("message {index}: events"))
-                .await?;
+                .record(message, Some(index))
+                .await
+                .map_err(|status| recorded_before(status, index, &total))?;
             total.recorded += outcome.recorded;
             total.expired += outcome.expired;
             total.users_created += outcome.users_created;
@@ -447,6 +448,20 @@ impl pb::ingest_service_server::IngestService for IngestApi {
     }
 }
 
+/// A stream's failure at message `index`, saying what the messages before it recorded (they
+/// stay applied), so that a caller retries from there instead of recording them twice.
+fn recorded_before(status: Status, index: usize, total: &pb::RecordEventsResponse) -> Status {
+    if index == 0 {
+        return status;
+    }
+    let message = format!(
+        "{}; messages 0..{index} were recorded ({} events): resend from message {index}",
+        status.message(),
+        total.recorded
+    );
+    Status::new(status.code(), message)
+}
+
 /// The deadline, the first message (which names the dataset) and the rest of an import stream.
 async fn first_message<M>(
     request: Request<Streaming<M>>,
@@ -481,14 +496,23 @@ impl IngestApi {
     async fn record(
         &self,
         request: pb::RecordEventsRequest,
-        field: &str,
+        message: Option<usize>,
     ) -> Result<pb::RecordEventsResponse, Status> {
-        let events = super::convert::events(&request.events, field)?;
+        let prefix = message.map_or(String::new(), |i| format!("message {i}"));
+        let field = match message {
+            None => "events".to_owned(),
+            Some(_) => format!("{prefix}: events"),
+        };
+        let events = super::convert::events(&request.events, &field)?;
         let outcome = self
             .engine
             .apply(&request.dataset, Change::RecordEvents(events))
             .await
-            .map_err(|e| to_status(e, field))?;
+            .map_err(|e| match e {
+                // It names its own field path (`events[i].ts`).
+                EngineError::InvalidEvent { .. } => to_status(e, &prefix),
+                other => to_status(other, &field),
+            })?;
         Ok(pb::RecordEventsResponse {
             recorded: outcome.events,
             expired: outcome.expired,

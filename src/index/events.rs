@@ -131,11 +131,6 @@ impl DayBucket {
         }
     }
 
-    /// Whether any event lies before `offset`.
-    fn times_before(&self, offset: u32) -> bool {
-        offset > 0 && self.times.iter().any(|&t| t < offset)
-    }
-
     /// This bucket without the events before `offset`, or `None` when nothing is left.
     fn trimmed_before(&self, offset: u32) -> Option<Self> {
         let kept: Vec<PackedEvent> = self
@@ -144,6 +139,11 @@ impl DayBucket {
             .filter(|&e| unpack(e).1 >= offset)
             .collect();
         (!kept.is_empty()).then(|| Self::from_sorted(&kept))
+    }
+
+    /// Events before `offset`.
+    fn count_before(&self, offset: u32) -> u64 {
+        self.times.iter().filter(|&&t| t < offset).count() as u64
     }
 
     /// Events of the `i`-th user with an offset in `[lo, hi)`.
@@ -341,7 +341,7 @@ impl EventSeries {
         let pairs = self.pairs(window);
         match within {
             // A few users (a write's touched users) are looked up one by one.
-            Some(scope) if scope.len().saturating_mul(64) < pairs => {
+            Some(scope) if scope.len().saturating_mul(self.days.len() as u64 * 16) < pairs => {
                 self.select_each(window, k, scope)
             }
             Some(scope) => self.select_all(window, k) & scope,
@@ -403,7 +403,7 @@ impl EventSeries {
                 .filter(move |&(i, _)| whole || bucket.count_run(i, span.lo, span.hi) > 0)
                 .map(|(_, &id)| id)
         });
-        if pairs.saturating_mul(1024) < bound {
+        if pairs.saturating_mul(64) < bound {
             let mut ids: Vec<DenseId> = ids_in.collect();
             ids.sort_unstable();
             ids.dedup();
@@ -482,9 +482,13 @@ impl EventStore {
         self.series.get(name)
     }
 
-    /// Every event name with its number of events.
+    /// Every event name with its number of retained events.
     pub fn names(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.series.iter().map(|(n, s)| (n.as_str(), s.events))
+        let (day, offset) = day_of(self.cutoff);
+        self.series.iter().map(move |(n, s)| {
+            let masked = s.days.get(&day).map_or(0, |b| b.count_before(offset));
+            (n.as_str(), s.events - masked)
+        })
     }
 
     /// Total events held.
@@ -503,31 +507,54 @@ impl EventStore {
         }
     }
 
-    /// Drops every event before `cutoff` (it never moves back): whole days at once, and the
-    /// earlier part of the day holding the cutoff.
+    /// Drops every event before `cutoff` (it never moves back here). Whole days go; the early
+    /// part of the day holding the cutoff stays until that day goes, masked by [`Self::clamp`]
+    /// (rebuilding that day at every refresh would cost more than the memory it frees).
     pub fn retain_from(&mut self, cutoff: Millis) {
         if cutoff <= self.cutoff {
             return;
         }
         self.cutoff = cutoff;
-        let (first_kept, offset) = day_of(cutoff);
+        let (first_kept, _) = day_of(cutoff);
         self.series.retain(|_, series| {
-            let stale = series.days.first_key_value().is_some_and(|(&d, bucket)| {
-                d < first_kept || (d == first_kept && bucket.times_before(offset))
-            });
-            if stale {
+            if series
+                .days
+                .first_key_value()
+                .is_some_and(|(&d, _)| d < first_kept)
+            {
                 let series = Arc::make_mut(series);
-                let mut kept = series.days.split_off(&first_kept);
-                if let Some(boundary) = kept.remove(&first_kept) {
-                    if let Some(rest) = boundary.trimmed_before(offset) {
-                        kept.insert(first_kept, Arc::new(rest));
-                    }
-                }
-                series.days = kept;
+                series.days = series.days.split_off(&first_kept);
                 series.events = series.days.values().map(|b| b.events()).sum();
             }
             !series.days.is_empty()
         });
+    }
+
+    /// Moves the cutoff back (a longer retention), so that older events are accepted again.
+    /// The masked early part of the day at the old cutoff is dropped first, so that nothing
+    /// retention already hid comes back and no membership changes.
+    pub fn lower_cutoff(&mut self, cutoff: Millis) {
+        if cutoff >= self.cutoff {
+            return;
+        }
+        let (day, offset) = day_of(self.cutoff);
+        self.series.retain(|_, series| {
+            if series
+                .days
+                .get(&day)
+                .is_some_and(|b| b.count_before(offset) > 0)
+            {
+                let series = Arc::make_mut(series);
+                if let Some(boundary) = series.days.remove(&day) {
+                    if let Some(rest) = boundary.trimmed_before(offset) {
+                        series.days.insert(day, Arc::new(rest));
+                    }
+                }
+                series.events = series.days.values().map(|b| b.events()).sum();
+            }
+            !series.days.is_empty()
+        });
+        self.cutoff = cutoff;
     }
 
     /// A window limited to retained time.
@@ -729,9 +756,19 @@ mod tests {
         assert_eq!(s.series("a").map(|x| x.events()), Some(2));
         assert!(s.series("b").is_none());
         s.retain_from(2 * DAY_MS + 8);
-        assert_eq!(s.series("a").map(|x| x.events()), Some(1));
+        let a = |s: &EventStore| s.names().find(|(n, _)| *n == "a").map(|(_, c)| c);
+        assert_eq!(
+            a(&s),
+            Some(1),
+            "the day at the cutoff counts only what is retained"
+        );
         s.remove_users(&[3].into_iter().collect());
-        assert!(s.series("a").is_none());
+        assert_eq!(a(&s), Some(0));
+        assert_eq!(s.events(), 1, "user 2's event is hidden, not yet dropped");
+        // A longer retention drops what the shorter one hid, then accepts older events again.
+        s.lower_cutoff(0);
+        assert_eq!(s.cutoff(), 0);
+        assert_eq!(a(&s), None);
         assert_eq!(s.events(), 0);
     }
 }

@@ -534,6 +534,7 @@ async fn stream_events_sums_messages_and_keeps_those_before_a_bad_one() {
             event("", "view", now - HOUR),
             "message 1: events[1].user_id",
         ),
+        (event("x", "view", now + 2 * DAY), "message 1: events[1].ts"),
     ];
     for (round, (bad, field)) in bad_messages.into_iter().enumerate() {
         let good = format!("good{round}");
@@ -547,7 +548,11 @@ async fn stream_events_sums_messages_and_keeps_those_before_a_bad_one() {
         )
         .await
         .unwrap_err();
-        assert_status(&error, Code::InvalidArgument, &[field]);
+        assert_status(
+            &error,
+            Code::InvalidArgument,
+            &[field, "messages 0..1 were recorded (1 events)"],
+        );
         assert_eq!(
             members_at(&server, "", text("DID signup AT LEAST 1 TIMES"), now).await,
             sorted((0..=round).map(|r| format!("good{r}")).collect()),
@@ -559,7 +564,11 @@ async fn stream_events_sums_messages_and_keeps_those_before_a_bad_one() {
             "nothing of the bad message applied"
         );
     }
-    assert_eq!(describe(&server, "").await.user_count, 3 + 3);
+    assert_eq!(
+        describe(&server, "").await.user_count,
+        3 + 4,
+        "one good user per round"
+    );
     server.shutdown().await;
 }
 
@@ -665,6 +674,11 @@ async fn record_events_refuses_a_bad_batch_whole() {
         (
             event("x", &"e".repeat(129), now - HOUR),
             vec!["events", "2", "129 bytes"],
+        ),
+        // More than a day ahead of the clock: refused at the engine, by its field path.
+        (
+            event("x", "purchase", now + DAY + 1),
+            vec!["events[2].ts", "more than a day after the server's clock"],
         ),
     ];
     for (bad, needles) in cases {

@@ -693,3 +693,27 @@ fn sorted_changes(mut changes: Vec<Change>) -> Vec<Change> {
     changes.sort();
     changes
 }
+
+/// An import reports each segment's net change: a user who enters in one record batch and
+/// leaves in a later one is not reported at all.
+#[tokio::test]
+async fn an_import_reports_net_changes_across_its_batches() {
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let server = TestServer::start().await;
+    create_segment(&server, "", "young", "age < 30").await;
+    let mut watch = watch(&server, &["young"], "").await.expect("watch");
+    let batch = |rows: &[(&str, i64)]| {
+        let ids: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0)));
+        let ages: ArrayRef = Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1)));
+        RecordBatch::try_from_iter([("user_id", ids), ("age", ages)]).expect("batch")
+    };
+    // u1 is young in the first batch and not in the second; u2 ends young.
+    let bytes = ipc_stream_bytes(&[batch(&[("u1", 20)]), batch(&[("u1", 40), ("u2", 25)])]);
+    import_chunks(&server, "", "", vec![bytes]).await;
+    assert_eq!(watch.take(1).await, vec![entered("young", "u2")]);
+    // The next change is the next write's: nothing about u1 was queued.
+    upsert(&server, vec![aged("u3", 1)]).await;
+    assert_eq!(watch.take(1).await, vec![entered("young", "u3")]);
+    server.shutdown().await;
+}

@@ -98,6 +98,16 @@ impl Model {
         self.events.retain(|(_, _, ts)| *ts >= cutoff);
     }
 
+    /// A new retention at `now`: a shorter one drops events, a longer one only accepts older
+    /// events from now on (what was dropped stays dropped).
+    pub fn set_retention(&mut self, now: Millis, retention: Millis) {
+        let cutoff = now - retention;
+        match self.cutoff {
+            Some(old) if cutoff < old => self.cutoff = Some(cutoff),
+            _ => self.retain_from(cutoff),
+        }
+    }
+
     /// How many of `user`'s events named `event` fall in `[start, end)`.
     fn count_events(&self, user: &str, event: &str, start: Millis, end: Millis) -> u64 {
         self.events

@@ -48,7 +48,7 @@ fn offset() -> impl Strategy<Value = i64> {
         4 => proptest::sample::select(edges.to_vec()),
         3 => -12 * DAY..DAY,
         1 => -45 * DAY..-12 * DAY,
-        1 => (-3i64..3).prop_map(|d| d * DAY),
+        1 => (-3i64..=1).prop_map(|d| d * DAY),
     ]
 }
 
@@ -59,6 +59,7 @@ enum Step {
     Upsert(String, Option<&'static str>, Option<i64>),
     Delete(Vec<String>),
     Advance(i64),
+    Retention(u32),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -72,6 +73,7 @@ fn step() -> impl Strategy<Value = Step> {
         )
             .prop_map(|(u, c, a)| Step::Upsert(u, c, a)),
         1 => proptest::collection::vec(user(), 1..3).prop_map(Step::Delete),
+        1 => (2u32..40).prop_map(Step::Retention),
         2 => prop_oneof![
             Just(1),
             Just(MINUTE),
@@ -288,6 +290,13 @@ impl Pair {
                     .apply(&Change::DeleteUsers(ids.clone()), self.now)
                     .expect("delete applies");
                 self.model.delete(ids);
+            }
+            Step::Retention(days) => {
+                self.state
+                    .apply(&Change::SetRetention { days: *days }, self.now)
+                    .expect("retention applies");
+                self.retention = i64::from(*days) * DAY;
+                self.model.set_retention(self.now, self.retention);
             }
             Step::Advance(ms) => {
                 self.now += ms;
