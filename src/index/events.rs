@@ -149,8 +149,15 @@ impl DayBucket {
     /// Events of the `i`-th user with an offset in `[lo, hi)`.
     fn count_run(&self, i: usize, lo: u32, hi: u32) -> u32 {
         let run = self.run(i);
-        if lo == 0 && hi as i64 >= DAY_MS {
+        let (Some(&first), Some(&last)) = (run.first(), run.last()) else {
+            return 0;
+        };
+        // Runs are short and mostly all in or all out of a window's edge.
+        if first >= lo && last < hi {
             return run.len() as u32;
+        }
+        if last < lo || first >= hi {
+            return 0;
         }
         let from = run.partition_point(|&t| t < lo);
         let to = run.partition_point(|&t| t < hi);
