@@ -230,21 +230,6 @@ impl DayBucket {
     }
 }
 
-/// The positions of the set bits of `words`, ascending.
-fn set_bits(words: &[u64]) -> impl Iterator<Item = DenseId> + '_ {
-    words.iter().enumerate().flat_map(|(index, &word)| {
-        let base = (index as DenseId) << 6;
-        let mut rest = word;
-        std::iter::from_fn(move || {
-            (rest != 0).then(|| {
-                let bit = rest.trailing_zeros();
-                rest &= rest - 1;
-                base + bit
-            })
-        })
-    })
-}
-
 /// A saturating per-user event counter.
 trait Counter: Copy + Default + Ord {
     /// `self + n`, saturating.
@@ -345,10 +330,13 @@ impl EventSeries {
         if window.start >= window.end || k == 0 {
             return Bitmap::new();
         }
-        let pairs = self.pairs(window);
+        let (days, pairs) = self.spans(window).fold((0u64, 0u64), |(d, p), (b, _)| {
+            (d + 1, p + b.ids.len() as u64)
+        });
         match within {
-            // A few users (a write's touched users) are looked up one by one.
-            Some(scope) if scope.len().saturating_mul(self.days.len() as u64 * 16) < pairs => {
+            // A few users (a write's touched users) are looked up one by one: a binary search
+            // per user and day against a walk of every pair.
+            Some(scope) if scope.len().saturating_mul(days * 16) < pairs => {
                 self.select_each(window, k, scope)
             }
             Some(scope) => self.select_all(window, k) & scope,
@@ -410,7 +398,7 @@ impl EventSeries {
                 .filter(move |&(i, _)| whole || bucket.count_run(i, span.lo, span.hi) > 0)
                 .map(|(_, &id)| id)
         });
-        if pairs.saturating_mul(64) < bound {
+        if pairs.saturating_mul(4096) < bound {
             let mut ids: Vec<DenseId> = ids_in.collect();
             ids.sort_unstable();
             ids.dedup();
@@ -420,7 +408,7 @@ impl EventSeries {
         for id in &mut ids_in {
             words[(id >> 6) as usize] |= 1 << (id & 63);
         }
-        Bitmap::from_sorted_iter(set_bits(&words)).unwrap_or_default()
+        super::bitmap::from_words(&words)
     }
 
     fn select_each(&self, window: TimeWindow, k: u64, scope: &Bitmap) -> Bitmap {
