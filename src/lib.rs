@@ -21,5 +21,6 @@ pub mod engine;
 pub mod expr;
 pub mod grpc;
 pub mod index;
+pub mod memory;
 pub mod rng;
 pub mod time;

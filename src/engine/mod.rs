@@ -556,6 +556,9 @@ impl Import {
             state.events.add(staged.batch);
             state.after_user_writes(&staged.touched, now)?;
             state.version += 1;
+            drop(staged.touched);
+            // The staging (8 bytes an event) is free now; do not keep the import's peak.
+            crate::memory::release_free_memory();
             Ok::<_, EngineError>(state)
         })
         .await
