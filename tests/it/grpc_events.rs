@@ -813,6 +813,11 @@ fn with_column(batch: &RecordBatch, name: &str, column: ArrayRef) -> RecordBatch
 
 /// `batch` with `ts` null at `row`.
 fn with_null_ts(batch: &RecordBatch, row: usize) -> RecordBatch {
+    with_ts(batch, row, None)
+}
+
+/// `batch` with the `ts` of `row` replaced (by a null when `None`).
+fn with_ts(batch: &RecordBatch, row: usize, value: Option<i64>) -> RecordBatch {
     let ts = batch
         .column_by_name("ts")
         .unwrap()
@@ -820,7 +825,7 @@ fn with_null_ts(batch: &RecordBatch, row: usize) -> RecordBatch {
         .downcast_ref::<TimestampMillisecondArray>()
         .unwrap();
     let values: TimestampMillisecondArray = (0..ts.len())
-        .map(|r| (r != row).then(|| ts.value(r)))
+        .map(|r| if r == row { value } else { Some(ts.value(r)) })
         .collect();
     let mut columns = batch.columns().to_vec();
     columns[2] = Arc::new(values);
@@ -1090,6 +1095,14 @@ async fn import_events_refuses_bad_tables_by_name_and_applies_nothing() {
         &error.expect("refused"),
         Code::InvalidArgument,
         &["'ts'", "row 42"],
+    );
+    // A time in the wrong unit (microseconds read as milliseconds) lands far in the future.
+    let future = with_ts(&fresh_batch, 3, Some(JAN_1_2026 * 1000));
+    let (_, error) = import_events_ipc(&server, "", vec![ipc_stream_bytes(&[future])]).await;
+    assert_status(
+        &error.expect("refused"),
+        Code::InvalidArgument,
+        &["row 3", "'ts'", "more than a day after the server's clock"],
     );
     // A bad row in a later batch is named by its place in the whole stream.
     let second = with_null_ts(&fresh_batch, 7);
