@@ -797,20 +797,6 @@ fn events_batch(rows: &[Row]) -> RecordBatch {
     RecordBatch::try_new(Arc::new(schema), columns).unwrap()
 }
 
-/// `batch` with one more column.
-fn with_column(batch: &RecordBatch, name: &str, column: ArrayRef) -> RecordBatch {
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(name, column.data_type().clone(), true));
-    let mut columns = batch.columns().to_vec();
-    columns.push(column);
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
-}
-
 /// `batch` with `ts` null at `row`.
 fn with_null_ts(batch: &RecordBatch, row: usize) -> RecordBatch {
     with_ts(batch, row, None)
@@ -1279,12 +1265,7 @@ async fn deleting_a_user_removes_their_events() {
 #[tokio::test]
 async fn segments_follow_the_clock_with_no_write() {
     let clock = FixedClock::new(JAN_1_2026);
-    let server = TestServer::start_with(
-        ServerOptions::default()
-            .clock(clock.clone())
-            .time_refresh(Duration::from_millis(50)),
-    )
-    .await;
+    let server = TestServer::start_on_clock(clock.clone()).await;
     let now = JAN_1_2026;
     create_segment(&server, "recent_buyers", "DID purchase IN LAST 7d").await;
     create_segment(&server, "lapsed", "NOT DID purchase IN LAST 7d").await;
@@ -1345,12 +1326,7 @@ async fn segments_follow_the_clock_with_no_write() {
 #[tokio::test]
 async fn retention_follows_the_clock_with_no_write() {
     let clock = FixedClock::new(JAN_1_2026);
-    let server = TestServer::start_with(
-        ServerOptions::default()
-            .clock(clock.clone())
-            .time_refresh(Duration::from_millis(50)),
-    )
-    .await;
+    let server = TestServer::start_on_clock(clock.clone()).await;
     let now = JAN_1_2026;
     record(
         &server,

@@ -678,17 +678,7 @@ async fn imports_keep_segments_current() {
 
 /// A batch with the good columns plus one extra column.
 fn with_extra_column(rows: &[Row], name: &str, column: ArrayRef) -> RecordBatch {
-    let base = batch_of(rows);
-    let mut fields: Vec<Field> = base
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(name, column.data_type().clone(), true));
-    let mut columns = base.columns().to_vec();
-    columns.push(column);
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    with_column(&batch_of(rows), name, column)
 }
 
 #[tokio::test]

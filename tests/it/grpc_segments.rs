@@ -623,12 +623,7 @@ async fn bad_definitions_are_refused_with_the_field() {
 async fn segments_relative_to_now_follow_the_clock() {
     let clock = FixedClock::new(JAN_1_2026);
     // A short refresh period: the saved segment catches up with the clock with no write.
-    let server = TestServer::start_with(
-        ServerOptions::default()
-            .clock(clock.clone())
-            .time_refresh(Duration::from_millis(50)),
-    )
-    .await;
+    let server = TestServer::start_on_clock(clock.clone()).await;
     const DAY: i64 = 86_400_000;
     let users = (0..20)
         .map(|d| {

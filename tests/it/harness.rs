@@ -133,6 +133,17 @@ impl TestServer {
         Self::start_with(ServerOptions::default()).await
     }
 
+    /// A server on `clock` whose time-driven refresh runs every 50 ms, so that segments catch
+    /// up with a moved clock within a test's patience.
+    pub async fn start_on_clock(clock: Arc<FixedClock>) -> Self {
+        Self::start_with(
+            ServerOptions::default()
+                .clock(clock)
+                .time_refresh(Duration::from_millis(50)),
+        )
+        .await
+    }
+
     /// A server with `options`, ready to serve.
     pub async fn start_with(options: ServerOptions) -> Self {
         let (server, gate) = Self::start_gated(options).await;
@@ -800,6 +811,24 @@ pub fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("audience-it-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir.join(name)
+}
+
+/// `batch` with one more (nullable) column.
+pub fn with_column(batch: &RecordBatch, name: &str, column: arrow_array::ArrayRef) -> RecordBatch {
+    let mut fields: Vec<arrow_schema::Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(arrow_schema::Field::new(
+        name,
+        column.data_type().clone(),
+        true,
+    ));
+    let mut columns = batch.columns().to_vec();
+    columns.push(column);
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), columns).expect("batch")
 }
 
 // ---- Arrow IPC imports over the wire -------------------------------------------------------
