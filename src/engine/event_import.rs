@@ -143,35 +143,42 @@ fn user_ids(state: &mut DatasetState, column: &ArrayRef) -> Result<(Vec<DenseId>
         }
         Ok(id)
     };
-    let ids = if let Some(dict) = column.as_any_dictionary_opt() {
-        let values = strings(USER_COLUMN, dict.values())?;
-        let mut resolved: Vec<Option<DenseId>> = vec![None; values.len()];
-        let keys = dict.normalized_keys();
-        let mut ids = Vec::with_capacity(keys.len());
-        for (row, &key) in keys.iter().enumerate() {
-            let id = match resolved.get(key).copied().flatten() {
-                Some(id) => id,
-                None => {
-                    let id = resolve(values.value(key), row)?;
-                    if let Some(slot) = resolved.get_mut(key) {
-                        *slot = Some(id);
-                    }
-                    id
-                }
-            };
-            ids.push(id);
-        }
-        ids
-    } else {
-        let values = strings(USER_COLUMN, column)?;
-        let mut ids = Vec::with_capacity(values.len());
-        for row in 0..values.len() {
-            ids.push(resolve(values.value(row), row)?);
-        }
-        ids
-    };
+    let ids = resolve_each(USER_COLUMN, column, &mut resolve)?;
     crate::index::attribute::update_set(&mut state.live, &created, &[]);
     Ok((ids, outcome))
+}
+
+/// `resolve(value, row)` of every row of a string column; for a dictionary-encoded column,
+/// once per distinct value.
+fn resolve_each<T: Copy>(
+    name: &str,
+    column: &ArrayRef,
+    resolve: &mut impl FnMut(&str, usize) -> Result<T>,
+) -> Result<Vec<T>> {
+    let Some(dict) = column.as_any_dictionary_opt() else {
+        let values = strings(name, column)?;
+        return (0..values.len())
+            .map(|row| resolve(values.value(row), row))
+            .collect();
+    };
+    let values = strings(name, dict.values())?;
+    let mut resolved: Vec<Option<T>> = vec![None; values.len()];
+    let keys = dict.normalized_keys();
+    let mut out = Vec::with_capacity(keys.len());
+    for (row, &key) in keys.iter().enumerate() {
+        let value = match resolved.get(key).copied().flatten() {
+            Some(value) => value,
+            None => {
+                let value = resolve(values.value(key), row)?;
+                if let Some(slot) = resolved.get_mut(key) {
+                    *slot = Some(value);
+                }
+                value
+            }
+        };
+        out.push(value);
+    }
+    Ok(out)
 }
 
 /// A string (or integer) column as strings.
@@ -208,33 +215,7 @@ fn event_codes(column: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
         index.insert(name.to_owned(), code);
         Ok(code)
     };
-    let codes = if let Some(dict) = column.as_any_dictionary_opt() {
-        let values = strings(EVENT_COLUMN, dict.values())?;
-        let mut value_codes: Vec<Option<u32>> = vec![None; values.len()];
-        let keys = dict.normalized_keys();
-        let mut codes = Vec::with_capacity(keys.len());
-        for (row, &key) in keys.iter().enumerate() {
-            let code = match value_codes.get(key).copied().flatten() {
-                Some(code) => code,
-                None => {
-                    let code = code_of(values.value(key), row)?;
-                    if let Some(slot) = value_codes.get_mut(key) {
-                        *slot = Some(code);
-                    }
-                    code
-                }
-            };
-            codes.push(code);
-        }
-        codes
-    } else {
-        let values = strings(EVENT_COLUMN, column)?;
-        let mut codes = Vec::with_capacity(values.len());
-        for row in 0..values.len() {
-            codes.push(code_of(values.value(row), row)?);
-        }
-        codes
-    };
+    let codes = resolve_each(EVENT_COLUMN, column, &mut code_of)?;
     Ok((names, codes))
 }
 
