@@ -200,11 +200,18 @@ fn print_schema(
                             "distinct_values": a.distinct_values, "null_count": a.null_count})
             })
             .collect();
+        let events: Vec<_> = schema
+            .event_names
+            .iter()
+            .zip(&schema.event_counts)
+            .map(|(name, count)| json!({"name": name, "count": count}))
+            .collect();
         writeln!(
             out,
             "{}",
             json!({"dataset": schema.dataset, "users": schema.user_count,
-                   "segments": schema.segment_count, "attributes": attributes})
+                   "segments": schema.segment_count, "attributes": attributes,
+                   "events": events, "event_retention_days": schema.event_retention_days})
         )?;
         return Ok(());
     }
@@ -223,6 +230,14 @@ fn print_schema(
             a.distinct_values,
             a.null_count
         )?;
+    }
+    writeln!(
+        out,
+        "event\tcount\t(kept {} days)",
+        schema.event_retention_days
+    )?;
+    for (name, count) in schema.event_names.iter().zip(&schema.event_counts) {
+        writeln!(out, "{name}\t{count}")?;
     }
     Ok(())
 }

@@ -498,6 +498,19 @@ async fn import_events_streams_a_file_and_prints_a_summary() {
     // The user of the expired event exists, with no event.
     let out = run(&server, &["count", "NOT DID purchase"]).await.ok();
     assert_eq!(out.trim(), "1");
+    // The schema lists event names with their counts, and the retention.
+    let out = run(&server, &["schema"]).await.ok();
+    let lines = Run::lines(&out);
+    let events = lines
+        .iter()
+        .position(|l| l == "event\tcount\t(kept 400 days)")
+        .expect("an events section");
+    assert_eq!(lines[events + 1..], ["purchase\t3", "view\t1"]);
+    let out = run(&server, &["schema", "--json"]).await.ok();
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("schema --json");
+    assert_eq!(json["event_retention_days"], 400);
+    assert_eq!(json["events"][0]["name"], "purchase");
+    assert_eq!(json["events"][0]["count"], 3);
 
     // --json, into another dataset.
     let out = run(
