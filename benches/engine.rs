@@ -8,27 +8,28 @@
 //! - `import/parquet`: a 1,000,000-row Parquet file into an empty dataset.
 //! - resident bytes per user: printed once (RSS growth while loading / users).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar, StringArray};
+use arrow_array::{Array, ArrayRef, RecordBatch, Scalar, StringArray};
 use arrow_buffer::BooleanBuffer;
 use audience::engine::import::open_file;
 use audience::engine::{Audience, Change, DatasetState, ImportBatch, SegmentDefinition};
 use audience::rng::SplitMix64;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
+use common::{env_u64, resident_bytes, truthy};
+
 const SEED: u64 = 42;
 const AS_OF: i64 = audience::demo::DEMO_EPOCH;
 
 fn users() -> u64 {
-    std::env::var("AUDIENCE_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000_000)
+    env_u64("AUDIENCE_BENCH_USERS", 10_000_000)
 }
 
 /// Whether a group should run: `AUDIENCE_BENCH_GROUPS=count,import` runs only those (each
@@ -38,16 +39,6 @@ fn wanted(group: &str) -> bool {
         Ok(groups) => groups.split(',').any(|g| g.trim() == group),
         Err(_) => true,
     }
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
 }
 
 fn import(state: &mut DatasetState, batches: impl Iterator<Item = RecordBatch>) {
@@ -82,14 +73,6 @@ const TEN: &str = r#"country IN ("US", "GB", "DE") AND age BETWEEN 18 AND 44 AND
     AND interests HAS ANY ("sports", "travel") AND NOT interests HAS "gaming" AND subscriber = TRUE
     AND lifetime_spend > 100 AND signup_ts >= "2024-06-01T00:00:00Z" AND gender IS NOT NULL
     AND region != "US-R0""#;
-
-/// Values and validity: a null compares as false.
-fn truthy(result: &BooleanArray) -> BooleanBuffer {
-    match result.nulls() {
-        Some(nulls) => result.values() & nulls.inner(),
-        None => result.values().clone(),
-    }
-}
 
 /// The 3-predicate filter as a scan of Arrow columns with arrow's compute kernels.
 fn arrow_scan_3(columns: &[(ArrayRef, ArrayRef, ArrayRef)]) -> usize {

@@ -9,12 +9,14 @@
 //! - `did/frequent_views`: `DID page_view AT LEAST 20 TIMES IN LAST 90d`
 //! - printed once: import throughput (events/s) and resident bytes per event.
 
+mod common;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow_array::{Array, BooleanArray, Int64Array, Scalar, UInt32Array, UInt8Array};
+use arrow_array::{Int64Array, Scalar, UInt32Array, UInt8Array};
 use arrow_buffer::BooleanBuffer;
 use audience::demo::{DemoEvent, EVENT_NAMES};
 use audience::engine::import::open_file;
@@ -22,27 +24,12 @@ use audience::engine::{Audience, DatasetState, Engine, Limits};
 use audience::time::{Millis, SystemClock};
 use criterion::{criterion_group, criterion_main, Criterion};
 
+use common::{env_u64, resident_bytes, truthy};
+
 const SEED: u64 = 7;
 /// The query instant, not on a day boundary: 2026-11-01T13:37:00.123Z.
 const AS_OF: Millis = audience::demo::DEMO_EPOCH + 13 * 3_600_000 + 37 * 60_000 + 123;
 const DAY: i64 = 86_400_000;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
 
 /// The demo events as a Parquet file, written once per size and kept for later runs.
 fn parquet_file(users: u64, events: u64) -> PathBuf {
@@ -143,13 +130,6 @@ fn raw_events(users: u64, count: u64) -> RawEvents {
         events: UInt8Array::from(e),
         ts: Int64Array::from(t),
         user_count: users as usize,
-    }
-}
-
-fn truthy(result: &BooleanArray) -> BooleanBuffer {
-    match result.nulls() {
-        Some(nulls) => result.values() & nulls.inner(),
-        None => result.values().clone(),
     }
 }
 

@@ -3,9 +3,41 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use audience::engine::{AttributeChange, AttributeValue, ChangeOp, EventRecord, UserUpdate};
+use audience::engine::{
+    AttributeChange, AttributeValue, ChangeOp, EventRecord, SegmentDefinition, UserUpdate,
+};
 use audience::expr::{CompareOp, Expr, Literal, Predicate, Value, Window};
 use audience::time::{parse_rfc3339, Millis};
+
+/// Random boolean trees over `leaf` predicates: AND and OR of 2-3 operands, and NOT.
+pub fn boolean_trees(
+    leaf: proptest::strategy::BoxedStrategy<Expr>,
+    depth: u32,
+    size: u32,
+) -> proptest::strategy::BoxedStrategy<Expr> {
+    use proptest::prelude::*;
+    leaf.prop_recursive(depth, size, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::And),
+            proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::Or),
+            inner.prop_map(|e| Expr::Not(Box::new(e))),
+        ]
+    })
+    .boxed()
+}
+
+/// A saved segment named by its id, defined at `at`.
+pub fn saved_segment(id: &str, expression: Expr, at: Millis) -> SegmentDefinition {
+    SegmentDefinition {
+        id: id.into(),
+        name: id.into(),
+        description: String::new(),
+        labels: BTreeMap::new(),
+        expression,
+        created_at: at,
+        updated_at: at,
+    }
+}
 
 /// One attribute value of one user.
 #[derive(Debug, Clone, PartialEq)]

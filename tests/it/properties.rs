@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use audience::engine::{
-    AttributeChange, AttributeValue, Audience, Change, ChangeOp, DatasetState, Engine,
-    SegmentDefinition, UserUpdate,
+    AttributeChange, AttributeValue, Audience, Change, ChangeOp, DatasetState, Engine, UserUpdate,
 };
 use audience::expr::{
     CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value,
@@ -16,7 +15,7 @@ use audience::expr::{
 use audience::index::AttributeKind;
 use proptest::prelude::*;
 
-use super::model::Model;
+use super::model::{boolean_trees, saved_segment, Model};
 
 /// `as_of` of every write and query: 2026-06-01T00:00:00Z.
 const AS_OF: i64 = 1_780_272_000_000;
@@ -334,15 +333,7 @@ fn predicate(segments: Vec<String>) -> BoxedStrategy<Expr> {
 }
 
 fn expression(segments: Vec<String>) -> BoxedStrategy<Expr> {
-    predicate(segments)
-        .prop_recursive(6, 48, 4, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::And),
-                proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::Or),
-                inner.prop_map(|e| Expr::Not(Box::new(e))),
-            ]
-        })
-        .boxed()
+    boolean_trees(predicate(segments), 6, 48)
 }
 
 /// The engine's members of `expr` as external ids.
@@ -379,18 +370,6 @@ fn new_state() -> DatasetState {
         .apply(&Change::DeclareAttributes(schema()), AS_OF)
         .expect("declare");
     state
-}
-
-fn segment(id: &str, expression: Expr) -> SegmentDefinition {
-    SegmentDefinition {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        labels: BTreeMap::new(),
-        expression,
-        created_at: AS_OF,
-        updated_at: AS_OF,
-    }
 }
 
 /// Writes, then segments defined over the data, then more writes, then queries.
@@ -433,7 +412,7 @@ proptest! {
         }
         for (i, expr) in s.segments.iter().enumerate() {
             let id = format!("s{i}");
-            state.apply(&Change::CreateSegment(segment(&id, expr.clone())), AS_OF).expect("segment");
+            state.apply(&Change::CreateSegment(saved_segment(&id, expr.clone(), AS_OF)), AS_OF).expect("segment");
             model.segments.insert(id, expr.clone());
         }
         for w in &s.after {

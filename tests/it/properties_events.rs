@@ -4,11 +4,11 @@
 //! count over the raw events, at many `as_of` instants; materialized segments stay equal to
 //! the model as time moves with no write at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use audience::engine::{
     AttributeChange, AttributeValue, Audience, Change, ChangeOp, DatasetState, EventRecord,
-    SegmentDefinition, UserUpdate,
+    UserUpdate,
 };
 use audience::expr::{
     CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value, Window,
@@ -16,7 +16,7 @@ use audience::expr::{
 use audience::index::AttributeKind;
 use proptest::prelude::*;
 
-use super::model::Model;
+use super::model::{boolean_trees, saved_segment, Model};
 
 /// Where every scenario starts: 2026-06-01T00:00:00Z.
 const T0: i64 = 1_780_272_000_000;
@@ -161,15 +161,11 @@ fn attribute_test() -> impl Strategy<Value = Expr> {
 }
 
 fn expression() -> BoxedStrategy<Expr> {
-    prop_oneof![3 => did(), 1 => attribute_test()]
-        .prop_recursive(4, 24, 3, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::And),
-                proptest::collection::vec(inner.clone(), 2..4).prop_map(Expr::Or),
-                inner.prop_map(|e| Expr::Not(Box::new(e))),
-            ]
-        })
-        .boxed()
+    boolean_trees(
+        prop_oneof![3 => did(), 1 => attribute_test()].boxed(),
+        4,
+        24,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -346,18 +342,6 @@ impl Pair {
     }
 }
 
-fn segment(id: &str, expression: Expr, now: i64) -> SegmentDefinition {
-    SegmentDefinition {
-        id: id.into(),
-        name: id.into(),
-        description: String::new(),
-        labels: BTreeMap::new(),
-        expression,
-        created_at: now,
-        updated_at: now,
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -370,7 +354,7 @@ proptest! {
         for (i, expr) in s.segments.iter().enumerate() {
             let id = format!("s{i}");
             pair.state
-                .apply(&Change::CreateSegment(segment(&id, expr.clone(), pair.now)), pair.now)
+                .apply(&Change::CreateSegment(saved_segment(&id, expr.clone(), pair.now)), pair.now)
                 .expect("segment");
             pair.model.segments.insert(id, expr.clone());
         }
