@@ -265,13 +265,8 @@ fn window_edges(
         }
         Some(Window::Between { start, end }) => [start, end]
             .into_iter()
-            .filter_map(|bound| match bound {
-                Value::Now { offset } => {
-                    let shift = offset.map_or(0, |o| o.as_millis());
-                    Some(swept(then.saturating_add(shift), now.saturating_add(shift)))
-                }
-                Value::Literal(_) => None,
-            })
+            .filter_map(now_shift)
+            .map(|shift| swept(then.saturating_add(shift), now.saturating_add(shift)))
             .collect(),
     }
 }
