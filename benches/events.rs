@@ -248,6 +248,21 @@ fn benches(c: &mut Criterion) {
             );
         }
     }
+    for (name, series) in audience::demo::EVENT_NAMES
+        .iter()
+        .filter_map(|(n, _)| Some((n, state.events.series(n)?)))
+    {
+        if let Some(tier) = series.tier_stats() {
+            eprintln!(
+                "{name}: frequent-user tier of {} users, {} pairs, {} rows, {:.2} bytes/event of \
+                 the dataset",
+                tier.users,
+                tier.pairs,
+                tier.rows,
+                tier.heap_bytes as f64 / imported as f64
+            );
+        }
+    }
     let mut group = c.benchmark_group("did");
     group.sample_size(20);
     for (name, text, run_scan) in queries {

@@ -14,8 +14,13 @@
 //! Memory per event: 4 bytes of time offset, plus per (user, day) pair 8 bytes of id and run
 //! end; events of one user on one day share the pair.
 
+mod frequent;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use frequent::Frequent;
+pub use frequent::{TierParams, TierStats};
 
 use super::bitmap::union_all;
 use super::keys::DenseId;
@@ -269,6 +274,14 @@ struct DaySpan {
 }
 
 impl DaySpan {
+    /// The part of `day` that `window` covers.
+    fn of(day: i64, window: TimeWindow) -> Self {
+        let day_start = day * DAY_MS;
+        let lo = window.start.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
+        let hi = window.end.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
+        Self { lo, hi }
+    }
+
     fn is_whole(self) -> bool {
         self.lo == 0 && i64::from(self.hi) >= DAY_MS
     }
@@ -279,6 +292,8 @@ impl DaySpan {
 pub struct EventSeries {
     days: BTreeMap<i64, Arc<DayBucket>>,
     events: u64,
+    /// The frequent users apart, once the name is busy enough to need it.
+    frequent: Option<Arc<Frequent>>,
 }
 
 /// A time window, half-open: `[start, end)`.
@@ -307,6 +322,23 @@ impl EventSeries {
         self.days.insert(day, Arc::new(bucket));
     }
 
+    /// Brings the frequent-user tier up to date after `added` events were merged into the
+    /// days: `batch` holds them (per day, sorted) when the tier can take them in; a write as
+    /// large as an eighth of the name rebuilds it instead.
+    fn update_tier(&mut self, params: TierParams, batch: Option<&BTreeMap<i64, Vec<PackedEvent>>>) {
+        match (&mut self.frequent, batch) {
+            (Some(tier), Some(batch)) => Arc::make_mut(tier).add(&self.days, batch),
+            _ => self.rebuild_tier(params),
+        }
+    }
+
+    /// Builds the tier from the days when the name has enough pairs to need it.
+    fn rebuild_tier(&mut self, params: TierParams) {
+        let pairs: u64 = self.days.values().map(|b| b.ids.len() as u64).sum();
+        self.frequent =
+            (pairs >= params.min_pairs).then(|| Arc::new(Frequent::build(params, &self.days)));
+    }
+
     /// The buckets a window touches, with the part of each it covers.
     fn spans(&self, window: TimeWindow) -> impl Iterator<Item = (&DayBucket, DaySpan)> {
         let first = window.start.div_euclid(DAY_MS);
@@ -317,12 +349,9 @@ impl EventSeries {
         } else {
             (Included(0), Excluded(0))
         };
-        self.days.range(range).map(move |(&day, bucket)| {
-            let day_start = day * DAY_MS;
-            let lo = window.start.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
-            let hi = window.end.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
-            (&**bucket, DaySpan { lo, hi })
-        })
+        self.days
+            .range(range)
+            .map(move |(&day, bucket)| (&**bucket, DaySpan::of(day, window)))
     }
 
     /// Users with at least `k` events in `window`, among `within` when given.
@@ -347,6 +376,13 @@ impl EventSeries {
     fn select_all(&self, window: TimeWindow, k: u64) -> Bitmap {
         if k == 1 {
             return self.select_any(window);
+        }
+        if let Some(tier) = &self.frequent {
+            if let Ok(k) = u32::try_from(k) {
+                if k >= u32::from(tier.hot_at()) {
+                    return tier.select(&self.days, window, k);
+                }
+            }
         }
         // The narrowest counter that can hold k keeps the buffer in the closest cache.
         match (u8::try_from(k), u32::try_from(k)) {
@@ -426,6 +462,11 @@ impl EventSeries {
         Bitmap::from_sorted_iter(matches).unwrap_or_default()
     }
 
+    /// The size of the frequent-user tier, when the name has one.
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        self.frequent.as_ref().map(|t| t.stats())
+    }
+
     /// The (user, day) pairs a window covers: the work of counting over it.
     pub fn pairs(&self, window: TimeWindow) -> u64 {
         self.spans(window).map(|(b, _)| b.ids.len() as u64).sum()
@@ -437,7 +478,9 @@ impl EventSeries {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.days.values().map(|b| b.heap_bytes()).sum::<usize>() + self.days.len() * 48
+        self.days.values().map(|b| b.heap_bytes()).sum::<usize>()
+            + self.days.len() * 48
+            + self.frequent.as_ref().map_or(0, |t| t.heap_bytes())
     }
 }
 
@@ -447,6 +490,8 @@ pub struct EventStore {
     series: BTreeMap<String, Arc<EventSeries>>,
     /// Events before this instant are dropped (retention) and never match.
     cutoff: Millis,
+    /// When names get a frequent-user tier.
+    tier: TierParams,
 }
 
 /// Events grouped for one write: name → day → packed events (any order).
@@ -461,9 +506,15 @@ impl Default for EventStore {
 impl EventStore {
     /// An empty store that keeps everything.
     pub fn new() -> Self {
+        Self::with_tier(TierParams::DEFAULT)
+    }
+
+    /// An empty store whose names get frequent-user tiers as `tier` says.
+    pub fn with_tier(tier: TierParams) -> Self {
         Self {
             series: BTreeMap::new(),
             cutoff: Millis::MIN,
+            tier,
         }
     }
 
@@ -495,10 +546,18 @@ impl EventStore {
     pub fn add(&mut self, batch: EventBatch) {
         for (name, days) in batch {
             let series = Arc::make_mut(self.series.entry(name).or_default());
+            let added: u64 = days.values().map(|e| e.len() as u64).sum();
+            // A large write rebuilds the tier, so its events need not be kept for it.
+            let keep = added.saturating_mul(8) < series.events;
+            let mut kept = BTreeMap::new();
             for (day, mut events) in days {
                 events.sort_unstable();
                 series.add_day(day, &events);
+                if keep {
+                    kept.insert(day, events);
+                }
             }
+            series.update_tier(self.tier, keep.then_some(&kept));
         }
     }
 
@@ -511,6 +570,7 @@ impl EventStore {
         }
         self.cutoff = cutoff;
         let (first_kept, _) = day_of(cutoff);
+        let tier = self.tier;
         self.series.retain(|_, series| {
             if series
                 .days
@@ -520,6 +580,7 @@ impl EventStore {
                 let series = Arc::make_mut(series);
                 series.days = series.days.split_off(&first_kept);
                 series.events = series.days.values().map(|b| b.events()).sum();
+                series.rebuild_tier(tier);
             }
             !series.days.is_empty()
         });
@@ -533,6 +594,7 @@ impl EventStore {
             return;
         }
         let (day, offset) = day_of(self.cutoff);
+        let tier = self.tier;
         self.series.retain(|_, series| {
             if series
                 .days
@@ -546,6 +608,7 @@ impl EventStore {
                     }
                 }
                 series.events = series.days.values().map(|b| b.events()).sum();
+                series.rebuild_tier(tier);
             }
             !series.days.is_empty()
         });
@@ -565,6 +628,7 @@ impl EventStore {
         if users.is_empty() {
             return;
         }
+        let tier = self.tier;
         self.series.retain(|_, series| {
             let hit: Vec<i64> = series
                 .days
@@ -584,6 +648,7 @@ impl EventStore {
                         series.days.insert(day, Arc::new(kept));
                     }
                 }
+                series.rebuild_tier(tier);
             }
             !series.days.is_empty()
         });
