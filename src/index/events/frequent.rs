@@ -14,7 +14,7 @@
 //! millisecond while the work grows with the frequent users, not with the window.
 //!
 //! Memory: a byte per user id (the totals that say when a user becomes frequent), 6 bytes per
-//! frequent (user, day) pair and 4 bytes per frequent user per checkpoint.
+//! frequent (user, day) pair and 2 bytes per frequent user per checkpoint.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -158,9 +158,12 @@ pub struct Frequent {
     hot: Arc<Vec<DenseId>>,
     /// Their counts, by day.
     days: BTreeMap<i64, Arc<HotDay>>,
-    /// `rows[r][i]`: events of `hot[i]` on the days before `first_row + r * every` (wrapping;
-    /// only differences are read).
-    rows: Vec<Arc<Vec<u32>>>,
+    /// Each one's stored events: a user with more than 65,535 (a bot) may have more in a
+    /// window than the rows can tell, and is counted from the day buckets instead.
+    stored: Arc<Vec<u32>>,
+    /// `rows[r][i]`: events of `hot[i]` on the days before `first_row + r * every`, modulo
+    /// 2^16: only differences are read, exact for anyone but a bot.
+    rows: Vec<Arc<Vec<u16>>>,
     /// The day of the first checkpoint, a multiple of `every`.
     first_row: i64,
 }
@@ -208,6 +211,7 @@ impl Frequent {
         let mut tier = Self {
             params,
             totals: totals.into_iter().map(|c| c.map(Arc::new)).collect(),
+            stored: Arc::new(vec![0; hot.len()]),
             hot: Arc::new(hot),
             days: BTreeMap::new(),
             rows: Vec::new(),
@@ -218,7 +222,8 @@ impl Frequent {
         };
         tier.first_row = first.div_euclid(params.every) * params.every;
         let last_row = ceil_to(last + 1, params.every);
-        let mut sums = vec![0u32; tier.hot.len()];
+        let mut sums = vec![0u16; tier.hot.len()];
+        let mut stored = vec![0u32; tier.hot.len()];
         let mut boundary = tier.first_row;
         for (&day, bucket) in days {
             while boundary <= day {
@@ -230,7 +235,8 @@ impl Frequent {
                 if tier.total(id) == HOT {
                     let n = bucket.run(i).len() as u32;
                     let place = places[block_of(id)].as_ref().map_or(0, |p| p[low(id)]);
-                    sums[place as usize] = sums[place as usize].wrapping_add(n);
+                    sums[place as usize] = sums[place as usize].wrapping_add(n as u16);
+                    stored[place as usize] = stored[place as usize].saturating_add(n);
                     hot_day.push(place, u64::from(n));
                 }
             }
@@ -243,6 +249,7 @@ impl Frequent {
             tier.rows.push(Arc::new(sums.clone()));
             boundary += params.every;
         }
+        tier.stored = Arc::new(stored);
         tier
     }
 
@@ -343,11 +350,15 @@ impl Frequent {
             return;
         }
         self.merge_day(day, &places);
+        let stored = Arc::make_mut(&mut self.stored);
+        for &(place, n) in &places {
+            stored[place as usize] = stored[place as usize].saturating_add(n);
+        }
         let from = self.row_after(day);
         for row in &mut self.rows[from..] {
             let row = Arc::make_mut(row);
             for &(place, n) in &places {
-                row[place as usize] = row[place as usize].wrapping_add(n);
+                row[place as usize] = row[place as usize].wrapping_add(n as u16);
             }
         }
     }
@@ -382,7 +393,8 @@ impl Frequent {
         for day in self.days.values_mut() {
             *day = Arc::new(day.moved(&moved));
         }
-        let mut columns = vec![vec![0u32; self.rows.len()]; promoted.len()];
+        let mut columns = vec![vec![0u16; self.rows.len()]; promoted.len()];
+        let mut totals = vec![0u32; promoted.len()];
         for (&day, bucket) in days {
             let from = self.row_after(day);
             let mut adds = Vec::new();
@@ -392,8 +404,9 @@ impl Frequent {
                     continue;
                 }
                 adds.push((new_places[j], n));
+                totals[j] = totals[j].saturating_add(n);
                 for sum in &mut columns[j][from..] {
-                    *sum = sum.wrapping_add(n);
+                    *sum = sum.wrapping_add(n as u16);
                 }
             }
             if !adds.is_empty() {
@@ -401,15 +414,10 @@ impl Frequent {
             }
         }
         for (r, row) in self.rows.iter_mut().enumerate() {
-            let mut widened = vec![0u32; hot.len()];
-            for (&to, &n) in moved.iter().zip(row.iter()) {
-                widened[to as usize] = n;
-            }
-            for (j, &to) in new_places.iter().enumerate() {
-                widened[to as usize] = columns[j][r];
-            }
-            *row = Arc::new(widened);
+            let new_column = |j: usize| columns[j][r];
+            *row = Arc::new(widen(row, &moved, &new_places, new_column));
         }
+        self.stored = Arc::new(widen(&self.stored, &moved, &new_places, |j| totals[j]));
         self.hot = Arc::new(hot);
         for &id in promoted {
             self.set_total(id, HOT);
@@ -462,7 +470,7 @@ impl Frequent {
             (Some((c0, r0)), Some((c1, r1))) if c0 < c1 => {
                 let (before, after) = (&self.rows[r0], &self.rows[r1]);
                 for ((count, a), b) in counts.iter_mut().zip(after.iter()).zip(before.iter()) {
-                    *count = a.wrapping_sub(*b);
+                    *count = u32::from(a.wrapping_sub(*b));
                 }
                 add_days(&mut counts, whole_from, c0, false);
                 add_days(&mut counts, c0, whole_from, true);
@@ -478,8 +486,15 @@ impl Frequent {
         }
         let reached = counts
             .iter()
+            .zip(self.stored.iter())
             .zip(self.hot.iter())
-            .filter(|&(&n, _)| n >= k)
+            .filter(|&((&n, &stored), &id)| {
+                if stored > u32::from(u16::MAX) {
+                    counted(days, window, id) >= u64::from(k)
+                } else {
+                    n >= k
+                }
+            })
             .map(|(_, &id)| id);
         Bitmap::from_sorted_iter(reached).unwrap_or_default()
     }
@@ -520,9 +535,38 @@ impl Frequent {
     pub fn heap_bytes(&self) -> usize {
         let totals = self.totals.iter().flatten().count() * BLOCK + self.totals.len() * 8;
         let days: usize = self.days.values().map(|d| d.heap_bytes() + 48).sum();
-        let rows: usize = self.rows.iter().map(|r| r.capacity() * 4).sum();
-        totals + days + rows + self.hot.capacity() * 4
+        let rows: usize = self.rows.iter().map(|r| r.capacity() * 2).sum();
+        totals + days + rows + (self.hot.capacity() + self.stored.capacity()) * 4
     }
+}
+
+/// `old` with its places moved to `moved` and `new(j)` at `new_places[j]`.
+fn widen<T: Copy + Default>(
+    old: &[T],
+    moved: &[u32],
+    new_places: &[u32],
+    new: impl Fn(usize) -> T,
+) -> Vec<T> {
+    let mut out = vec![T::default(); old.len() + new_places.len()];
+    for (&to, &n) in moved.iter().zip(old) {
+        out[to as usize] = n;
+    }
+    for (j, &to) in new_places.iter().enumerate() {
+        out[to as usize] = new(j);
+    }
+    out
+}
+
+/// Events of `id` in `window`, one day bucket after the other.
+fn counted(days: &BTreeMap<i64, Arc<DayBucket>>, window: TimeWindow, id: DenseId) -> u64 {
+    let first = window.start.div_euclid(DAY_MS);
+    let last = (window.end - 1).div_euclid(DAY_MS);
+    days.range(first..=last)
+        .map(|(&day, bucket)| {
+            let span = DaySpan::of(day, window);
+            u64::from(bucket.count_of(id, span.lo, span.hi))
+        })
+        .sum()
 }
 
 fn block_of(id: DenseId) -> usize {
