@@ -7,6 +7,7 @@
 //! - `did/carts_no_purchase`: `DID add_to_cart AT LEAST 3 TIMES IN LAST 14d AND NOT DID purchase
 //!   IN LAST 14d`
 //! - `did/frequent_views`: `DID page_view AT LEAST 20 TIMES IN LAST 90d`
+//! - `did/record_100_events`: a `RecordEvents` batch of 100 events of a live stream
 //! - printed once: import throughput (events/s) and resident bytes per event.
 
 mod common;
@@ -20,7 +21,7 @@ use arrow_array::{Int64Array, Scalar, UInt32Array, UInt8Array};
 use arrow_buffer::BooleanBuffer;
 use audience::demo::{DemoEvent, EVENT_NAMES};
 use audience::engine::import::open_file;
-use audience::engine::{Audience, DatasetState, Engine, Limits};
+use audience::engine::{Audience, Change, DatasetState, Engine, EventRecord, Limits};
 use audience::time::{Millis, SystemClock};
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -73,8 +74,7 @@ fn parquet_file(users: u64, events: u64) -> PathBuf {
 }
 
 /// Imports the file into an empty engine through the import path a server uses.
-fn import(path: &Path) -> (Arc<DatasetState>, u64, u64) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+fn import(path: &Path, runtime: &tokio::runtime::Runtime) -> (Engine, Arc<DatasetState>, u64, u64) {
     let engine = Engine::new(Limits::default(), Arc::new(SystemClock));
     let before = resident_bytes();
     let started = Instant::now();
@@ -102,7 +102,21 @@ fn import(path: &Path) -> (Arc<DatasetState>, u64, u64) {
         grown as f64 / imported as f64
     );
     let state = engine.snapshot("default").expect("dataset");
-    (state, grown, imported)
+    (engine, state, grown, imported)
+}
+
+/// Batch `round` of a live event stream: 100 demo events (skewed users, mixed names) that
+/// happened a moment before `AS_OF`.
+fn live_batch(users: u64, round: u64) -> Vec<EventRecord> {
+    audience::demo::events(users, 100, round, AS_OF)
+        .enumerate()
+        .map(|(i, e)| EventRecord {
+            user_id: audience::demo::user_id(e.user),
+            event: EVENT_NAMES[e.event as usize].0.to_owned(),
+            ts: AS_OF - 60_000 + i as i64,
+            value: e.value,
+        })
+        .collect()
 }
 
 /// The raw events as columns, as an OLAP engine would scan them.
@@ -204,7 +218,8 @@ fn benches(c: &mut Criterion) {
     let users = env_u64("AUDIENCE_BENCH_USERS", 10_000_000);
     let count = env_u64("AUDIENCE_BENCH_EVENTS", 100_000_000);
     let path = parquet_file(users, count);
-    let (state, grown, imported) = import(&path);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (engine, state, grown, imported) = import(&path, &runtime);
     // The users the events created cost what any user costs (their keys); the rest is events.
     let users_bytes = state.keys.heap_bytes() as u64 + state.live.serialized_size() as u64;
     eprintln!(
@@ -280,6 +295,20 @@ fn benches(c: &mut Criterion) {
             });
         }
     }
+    // Writes: what a RecordEvents batch costs on this dataset, the snapshot above still
+    // held by a reader (as a query in flight would), so that every change is copied.
+    let mut round = 0;
+    group.bench_function("record_100_events", |b| {
+        b.iter(|| {
+            round += 1;
+            let change = Change::RecordEvents(live_batch(users, round));
+            black_box(
+                runtime
+                    .block_on(engine.apply("default", change))
+                    .expect("write"),
+            )
+        })
+    });
     group.finish();
 }
 
