@@ -268,11 +268,16 @@ fn benches(c: &mut Criterion) {
         .filter_map(|(n, _)| Some((n, state.events.series(n)?)))
     {
         if let Some(tier) = series.tier_stats() {
+            let all = audience::index::events::TimeWindow {
+                start: i64::MIN,
+                end: i64::MAX,
+            };
             eprintln!(
-                "{name}: frequent-user tier of {} users, {} pairs, {} rows, {:.2} bytes/event of \
-                 the dataset",
+                "{name}: frequent-user tier of {} users, {} of the name's {} pairs, {} rows, \
+                 {:.2} bytes/event of the dataset",
                 tier.users,
                 tier.pairs,
+                series.pairs(all),
                 tier.rows,
                 tier.heap_bytes as f64 / imported as f64
             );

@@ -11,6 +11,9 @@
 //! Per bucket, users are sorted and their times sorted within each user, so that one user's
 //! events are a contiguous run: `times[ends[i-1]..ends[i]]` belongs to `ids[i]`.
 //!
+//! A busy name also keeps its frequent users apart (`events/frequent.rs`), so that "at least k times"
+//! with a large k reads them alone instead of every pair in the window.
+//!
 //! Memory per event: 4 bytes of time offset, plus per (user, day) pair 8 bytes of id and run
 //! end; events of one user on one day share the pair.
 
