@@ -279,7 +279,7 @@ struct DaySpan {
 impl DaySpan {
     /// The part of `day` that `window` covers.
     fn of(day: i64, window: TimeWindow) -> Self {
-        let day_start = day * DAY_MS;
+        let day_start = day.saturating_mul(DAY_MS);
         let lo = window.start.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
         let hi = window.end.saturating_sub(day_start).clamp(0, DAY_MS) as u32;
         Self { lo, hi }
@@ -380,11 +380,10 @@ impl EventSeries {
         if k == 1 {
             return self.select_any(window);
         }
-        if let Some(tier) = &self.frequent {
-            if let Ok(k) = u32::try_from(k) {
-                if k >= u32::from(tier.hot_at()) {
-                    return tier.select(&self.days, window, k);
-                }
+        // The tier's work grows with its users: a window with fewer pairs is walked instead.
+        if let (Some(tier), Ok(k)) = (&self.frequent, u32::try_from(k)) {
+            if k >= u32::from(tier.hot_at()) && self.pairs(window) > tier.users() as u64 {
+                return tier.select(&self.days, window, k);
             }
         }
         // The narrowest counter that can hold k keeps the buffer in the closest cache.

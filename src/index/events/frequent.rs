@@ -30,6 +30,10 @@ pub struct TierParams {
     pub hot_at: u8,
     /// Days between checkpoint rows.
     pub every: i64,
+    /// Checkpoint rows at most, the latest kept: an event far older than the rest (a long
+    /// retention and a timestamp in the wrong unit) must not cost a row per `every` days in
+    /// between. Windows reaching further back read more days instead.
+    pub max_rows: usize,
     /// (user, day) pairs from which a name gets a tier: below, walking every pair is as fast.
     pub min_pairs: u64,
     /// Users who became frequent wait for their places until this many do: placing them
@@ -39,12 +43,22 @@ pub struct TierParams {
 }
 
 impl TierParams {
+    /// The first and last checkpoint days for stored days `first..=last`: the last just after
+    /// `last`, the first at or before `first`, at most `max_rows` in all.
+    fn row_span(&self, first: i64, last: i64) -> (i64, i64) {
+        let last_row = ceil_to(last.saturating_add(1), self.every);
+        let span = (self.max_rows.max(1) as i64 - 1).saturating_mul(self.every);
+        let first_row = (first.div_euclid(self.every) * self.every).max(last_row - span);
+        (first_row, last_row)
+    }
+
     /// Sixteen events, a row every sixteen days, from four million pairs on (a walk of
     /// every pair of a smaller name takes under ~15 ms, and the tier's byte per user id
     /// would cost more than it saves).
     pub const DEFAULT: Self = Self {
         hot_at: 16,
         every: 16,
+        max_rows: 32,
         min_pairs: 1 << 22,
         place_after: 16,
     };
@@ -64,8 +78,9 @@ pub struct TierStats {
 
 /// The total of a frequent user: they are no longer counted.
 const HOT: u8 = u8::MAX;
-/// Ids per block (the id's high 16 bits name its block).
-const BLOCK: usize = 1 << 16;
+/// Ids per chunk of the totals: small, so that a write copies little of what a snapshot shares.
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNK_BITS: u32 = 12;
 
 /// Frequent users' counts on one day, by their place among the frequent users (ascending,
 /// which is also the order of their ids), so that a query adds them without a lookup. A count
@@ -156,7 +171,7 @@ impl HotDay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frequent {
     params: TierParams,
-    /// Per block of 65,536 ids: each user's stored events while below `hot_at`, [`HOT`] once
+    /// Per chunk of 4,096 ids: each user's stored events while below `hot_at`, [`HOT`] once
     /// at or above.
     totals: Vec<Option<Arc<Vec<u8>>>>,
     /// Frequent users with a place, ascending.
@@ -195,7 +210,7 @@ impl Frequent {
         for bucket in days.values() {
             for (i, &id) in bucket.ids.iter().enumerate() {
                 let chunk = chunk_mut(&mut totals, id);
-                let slot = &mut chunk[low(id)];
+                let slot = &mut chunk[slot(id)];
                 let n = u8::try_from(bucket.run(i).len()).unwrap_or(u8::MAX);
                 *slot = slot.saturating_add(n).min(params.hot_at);
             }
@@ -208,8 +223,8 @@ impl Frequent {
             for (low_id, total) in chunk.iter_mut().enumerate() {
                 if *total >= params.hot_at {
                     *total = HOT;
-                    let id = ((block as u32) << 16) | low_id as u32;
-                    let place = places[block].get_or_insert_with(|| vec![0; BLOCK]);
+                    let id = ((block as u32) << CHUNK_BITS) | low_id as u32;
+                    let place = places[block].get_or_insert_with(|| vec![0; CHUNK]);
                     place[low_id] = hot.len() as u32;
                     hot.push(id);
                 }
@@ -228,8 +243,8 @@ impl Frequent {
         let (Some(&first), Some(&last)) = (days.keys().next(), days.keys().next_back()) else {
             return tier;
         };
-        tier.first_row = first.div_euclid(params.every) * params.every;
-        let last_row = ceil_to(last + 1, params.every);
+        let (first_row, last_row) = params.row_span(first, last);
+        tier.first_row = first_row;
         let mut sums = vec![0u16; tier.hot.len()];
         let mut stored = vec![0u32; tier.hot.len()];
         let mut boundary = tier.first_row;
@@ -242,7 +257,7 @@ impl Frequent {
             for (i, &id) in bucket.ids.iter().enumerate() {
                 if tier.total(id) == HOT {
                     let n = bucket.run(i).len() as u32;
-                    let place = places[block_of(id)].as_ref().map_or(0, |p| p[low(id)]);
+                    let place = places[chunk_of(id)].as_ref().map_or(0, |p| p[slot(id)]);
                     sums[place as usize] = sums[place as usize].wrapping_add(n as u16);
                     stored[place as usize] = stored[place as usize].saturating_add(n);
                     hot_day.push(place, u64::from(n));
@@ -264,18 +279,23 @@ impl Frequent {
     /// The stored events of `id` while below `hot_at`, or [`HOT`].
     fn total(&self, id: DenseId) -> u8 {
         self.totals
-            .get(block_of(id))
+            .get(chunk_of(id))
             .and_then(Option::as_ref)
-            .map_or(0, |chunk| chunk[low(id)])
+            .map_or(0, |chunk| chunk[slot(id)])
     }
 
     fn set_total(&mut self, id: DenseId, total: u8) {
-        let block = block_of(id);
+        let block = chunk_of(id);
         if self.totals.len() <= block {
             self.totals.resize(block + 1, None);
         }
-        let chunk = self.totals[block].get_or_insert_with(|| Arc::new(vec![0; BLOCK]));
-        Arc::make_mut(chunk)[low(id)] = total;
+        let chunk = self.totals[block].get_or_insert_with(|| Arc::new(vec![0; CHUNK]));
+        Arc::make_mut(chunk)[slot(id)] = total;
+    }
+
+    /// Frequent users, placed or not.
+    pub fn users(&self) -> usize {
+        self.hot.len() + self.pending.len()
     }
 
     /// The users at or above which a count can only come from frequent users.
@@ -291,10 +311,10 @@ impl Frequent {
         days: &BTreeMap<i64, Arc<DayBucket>>,
         batch: &BTreeMap<i64, Vec<PackedEvent>>,
     ) {
-        let (Some(&first), Some(&last)) = (batch.keys().next(), batch.keys().next_back()) else {
+        if batch.is_empty() {
             return;
-        };
-        self.cover(first, last);
+        }
+        self.cover(days);
         let mut rising: BTreeMap<DenseId, u32> = BTreeMap::new();
         for (&day, events) in batch {
             let (hot_adds, cold): (Vec<_>, Vec<_>) = runs(events)
@@ -328,22 +348,32 @@ impl Frequent {
         }
     }
 
-    /// Adds checkpoint rows so that they span the days `first..=last`.
-    fn cover(&mut self, first: i64, last: i64) {
+    /// Moves the checkpoint rows to the span that `days` (the write already merged in, not
+    /// yet counted in the rows) call for. A new row after the last repeats it; one before
+    /// the first is empty, since rows are dropped at the front only once `max_rows` is
+    /// reached, and the span never moves back from there.
+    fn cover(&mut self, days: &BTreeMap<i64, Arc<DayBucket>>) {
+        let (Some(&first), Some(&last)) = (days.keys().next(), days.keys().next_back()) else {
+            return;
+        };
         let every = self.params.every;
-        if self.rows.is_empty() {
-            self.first_row = first.div_euclid(every) * every;
-            self.rows.push(Arc::new(vec![0; self.hot.len()]));
+        let (first_row, last_row) = self.params.row_span(first, last);
+        let empty = Arc::new(vec![0u16; self.hot.len()]);
+        let mut rows = Vec::with_capacity(((last_row - first_row) / every + 1) as usize);
+        let mut boundary = first_row;
+        while boundary <= last_row {
+            let row = match self.rows.last() {
+                Some(row) if boundary > self.last_row() => row.clone(),
+                Some(_) if boundary >= self.first_row => {
+                    self.rows[((boundary - self.first_row) / every) as usize].clone()
+                }
+                _ => empty.clone(),
+            };
+            rows.push(row);
+            boundary += every;
         }
-        while first < self.first_row {
-            // Nothing was stored before the first row.
-            self.rows.insert(0, Arc::new(vec![0; self.hot.len()]));
-            self.first_row -= every;
-        }
-        while self.last_row() < last + 1 {
-            let copy = self.rows[self.rows.len() - 1].clone();
-            self.rows.push(copy);
-        }
+        self.rows = rows;
+        self.first_row = first_row;
     }
 
     fn last_row(&self) -> i64 {
@@ -542,7 +572,7 @@ impl Frequent {
     /// What the tier holds.
     pub fn stats(&self) -> TierStats {
         TierStats {
-            users: self.hot.len() + self.pending.len(),
+            users: self.users(),
             pairs: self.days.values().map(|d| d.places.len() as u64).sum(),
             rows: self.rows.len(),
             heap_bytes: self.heap_bytes(),
@@ -551,10 +581,14 @@ impl Frequent {
 
     /// Bytes held on the heap.
     pub fn heap_bytes(&self) -> usize {
-        let totals = self.totals.iter().flatten().count() * BLOCK + self.totals.len() * 8;
+        let totals = self.totals.iter().flatten().count() * CHUNK + self.totals.len() * 8;
         let days: usize = self.days.values().map(|d| d.heap_bytes() + 48).sum();
         let rows: usize = self.rows.iter().map(|r| r.capacity() * 2).sum();
-        totals + days + rows + (self.hot.capacity() + self.stored.capacity()) * 4
+        totals
+            + days
+            + rows
+            + (self.hot.capacity() + self.stored.capacity()) * 4
+            + self.pending.capacity() * 4
     }
 }
 
@@ -588,20 +622,20 @@ fn counted(days: &BTreeMap<i64, Arc<DayBucket>>, window: TimeWindow, id: DenseId
         .sum()
 }
 
-fn block_of(id: DenseId) -> usize {
-    (id >> 16) as usize
+fn chunk_of(id: DenseId) -> usize {
+    (id >> CHUNK_BITS) as usize
 }
 
-fn low(id: DenseId) -> usize {
-    (id & 0xFFFF) as usize
+fn slot(id: DenseId) -> usize {
+    id as usize & (CHUNK - 1)
 }
 
 fn chunk_mut(chunks: &mut Vec<Option<Vec<u8>>>, id: DenseId) -> &mut Vec<u8> {
-    let block = block_of(id);
+    let block = chunk_of(id);
     if chunks.len() <= block {
         chunks.resize(block + 1, None);
     }
-    chunks[block].get_or_insert_with(|| vec![0; BLOCK])
+    chunks[block].get_or_insert_with(|| vec![0; CHUNK])
 }
 
 /// `n` rounded up to a multiple of `step`.
@@ -619,17 +653,21 @@ mod tests {
     const PARAMS: TierParams = TierParams {
         hot_at: 3,
         every: 2,
+        max_rows: 100,
         min_pairs: 0,
         place_after: 1,
     };
 
     fn params() -> impl Strategy<Value = TierParams> {
-        (2u8..5, 1i64..5, 1usize..4).prop_map(|(hot_at, every, place_after)| TierParams {
-            hot_at,
-            every,
-            min_pairs: 0,
-            place_after,
-        })
+        (2u8..5, 1i64..5, 1usize..9, 1usize..4).prop_map(
+            |(hot_at, every, max_rows, place_after)| TierParams {
+                hot_at,
+                every,
+                max_rows,
+                min_pairs: 0,
+                place_after,
+            },
+        )
     }
 
     /// The tier with its pending users placed, as a build from scratch places them.
@@ -653,9 +691,9 @@ mod tests {
         batch
     }
 
-    /// Users in two id blocks and at the top of the id space.
+    /// Users on both sides of chunk and block boundaries, and far up the id space.
     fn user() -> impl Strategy<Value = DenseId> {
-        prop_oneof![0u32..6, 65_534u32..65_538, Just(u32::MAX)]
+        prop_oneof![0u32..6, 4_094u32..4_098, 65_534u32..65_538, Just(1 << 24)]
     }
 
     fn event() -> impl Strategy<Value = (DenseId, Millis)> {
@@ -730,18 +768,58 @@ mod tests {
                     prop_assert!(model.is_empty());
                     continue;
                 };
+                let rows = series.frequent.as_ref().map_or(0, |t| t.rows.len());
+                prop_assert!(rows <= params.max_rows.max(1), "{} rows", rows);
                 let tier = series.frequent.as_deref().map(|t| placed(t, &series.days));
                 prop_assert_eq!(tier, Some(Frequent::build(params, &series.days)));
                 for &(start, length, k) in &windows {
                     let window = store.clamp(TimeWindow { start, end: start + length });
+                    let expected = counted(&model, window, k);
                     prop_assert_eq!(
                         series.select(window, k, None),
-                        counted(&model, window, k),
+                        expected.clone(),
                         "window {:?}, k {}", window, k
                     );
+                    if let (Some(tier), Ok(k)) = (&series.frequent, u32::try_from(k)) {
+                        if k >= u32::from(tier.hot_at()) {
+                            prop_assert_eq!(tier.select(&series.days, window, k), expected);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_event_far_older_than_the_rest_costs_no_rows_in_between() {
+        let params = TierParams {
+            max_rows: 4,
+            ..PARAMS
+        };
+        let mut store = EventStore::with_tier(params);
+        let recent: Vec<(DenseId, Millis)> = (0..40u32)
+            .map(|i| (i % 4, i64::from(i) * 3_600_000))
+            .collect();
+        store.add(batch(&recent));
+        store.add(batch(&[(1, -100_000 * DAY_MS)]));
+        let Some(series) = store.series("e") else {
+            panic!("no series")
+        };
+        let tier = series.frequent.as_deref().map(|t| placed(t, &series.days));
+        assert_eq!(tier.as_ref().map(|t| t.rows.len()), Some(4));
+        assert_eq!(tier, Some(Frequent::build(params, &series.days)));
+        let since = |start| TimeWindow {
+            start,
+            end: 2 * DAY_MS,
+        };
+        assert_eq!(series.select(since(0), 10, None).len(), 4);
+        assert_eq!(
+            series
+                .select(since(-100_000 * DAY_MS), 11, None)
+                .iter()
+                .collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     #[test]
