@@ -8,6 +8,7 @@
 //!   IN LAST 14d`
 //! - `did/frequent_views`: `DID page_view AT LEAST 20 TIMES IN LAST 90d`
 //! - `did/record_100_events`: a `RecordEvents` batch of 100 events of a live stream
+//! - `did/delete_1_user`: deleting one active user
 //! - printed once: import throughput (events/s) and resident bytes per event.
 
 mod common;
@@ -311,6 +312,23 @@ fn benches(c: &mut Criterion) {
                 runtime
                     .block_on(engine.apply("default", change))
                     .expect("write"),
+            )
+        })
+    });
+    // A delete rewrites the days its user appears in and rebuilds the tiers of busy names.
+    let mut row = 0;
+    group.sample_size(10);
+    group.bench_function("delete_1_user", |b| {
+        b.iter(|| {
+            row += 1;
+            let user = audience::demo::events(users, 1, row, AS_OF)
+                .next()
+                .map_or(row, |e| e.user);
+            let change = Change::DeleteUsers(vec![audience::demo::user_id(user)]);
+            black_box(
+                runtime
+                    .block_on(engine.apply("default", change))
+                    .expect("delete"),
             )
         })
     });

@@ -630,7 +630,6 @@ impl EventStore {
         if users.is_empty() {
             return;
         }
-        let tier = self.tier;
         self.series.retain(|_, series| {
             let hit: Vec<i64> = series
                 .days
@@ -650,7 +649,9 @@ impl EventStore {
                         series.days.insert(day, Arc::new(kept));
                     }
                 }
-                series.rebuild_tier(tier);
+                if let Some(frequent) = &mut series.frequent {
+                    Arc::make_mut(frequent).remove(&series.days, users);
+                }
             }
             !series.days.is_empty()
         });

@@ -76,6 +76,9 @@ pub struct TierStats {
     pub heap_bytes: usize,
 }
 
+/// Where a removed place moves to: nowhere.
+const GONE: u32 = u32::MAX;
+
 /// The total of a frequent user: they are no longer counted.
 const HOT: u8 = u8::MAX;
 /// Ids per chunk of the totals: small, so that a write copies little of what a snapshot shares.
@@ -141,11 +144,16 @@ impl HotDay {
     }
 
     /// This day with every place moved to `moved[place]` (ascending too).
+    /// ([`GONE`] drops the entry.)
     fn moved(&self, moved: &[u32]) -> Self {
-        HotDay {
-            places: self.places.iter().map(|&p| moved[p as usize]).collect(),
-            counts: self.counts.clone(),
-        }
+        let (places, counts) = self
+            .places
+            .iter()
+            .zip(&self.counts)
+            .map(|(&p, &n)| (moved[p as usize], n))
+            .filter(|&(p, _)| p != GONE)
+            .unzip();
+        HotDay { places, counts }
     }
 
     /// Adds (or subtracts) this day's counts to `counts`, by place.
@@ -348,17 +356,15 @@ impl Frequent {
         }
     }
 
-    /// Moves the checkpoint rows to the span that `days` (the write already merged in, not
-    /// yet counted in the rows) call for. A new row after the last repeats it; one before
-    /// the first is empty, since rows are dropped at the front only once `max_rows` is
-    /// reached, and the span never moves back from there.
+    /// Moves the checkpoint rows to the span that `days` call for (a write already merged
+    /// into them but not yet counted, or a delete already taken out). A new row after the
+    /// last repeats it; one before the first is summed from the day copies.
     fn cover(&mut self, days: &BTreeMap<i64, Arc<DayBucket>>) {
         let (Some(&first), Some(&last)) = (days.keys().next(), days.keys().next_back()) else {
             return;
         };
         let every = self.params.every;
         let (first_row, last_row) = self.params.row_span(first, last);
-        let empty = Arc::new(vec![0u16; self.hot.len()]);
         let mut rows = Vec::with_capacity(((last_row - first_row) / every + 1) as usize);
         let mut boundary = first_row;
         while boundary <= last_row {
@@ -367,13 +373,22 @@ impl Frequent {
                 Some(_) if boundary >= self.first_row => {
                     self.rows[((boundary - self.first_row) / every) as usize].clone()
                 }
-                _ => empty.clone(),
+                _ => Arc::new(self.row_at(boundary)),
             };
             rows.push(row);
             boundary += every;
         }
         self.rows = rows;
         self.first_row = first_row;
+    }
+
+    /// The frequent users' events on the days before `boundary`, from the day copies.
+    fn row_at(&self, boundary: i64) -> Vec<u16> {
+        let mut row = vec![0u32; self.hot.len()];
+        for day in self.days.range(..boundary).map(|(_, d)| d) {
+            day.add_to(&mut row, false);
+        }
+        row.into_iter().map(|n| n as u16).collect()
     }
 
     fn last_row(&self) -> i64 {
@@ -468,6 +483,77 @@ impl Frequent {
             *row = Arc::new(widen(row, &moved, &new_places, new_column));
         }
         self.stored = Arc::new(widen(&self.stored, &moved, &new_places, |j| totals[j]));
+        self.hot = Arc::new(hot);
+    }
+
+    /// Takes out deleted `users`, whose events `days` no longer hold: their totals are
+    /// cleared, and frequent ones lose their places (the places after move down).
+    pub fn remove(&mut self, days: &BTreeMap<i64, Arc<DayBucket>>, users: &Bitmap) {
+        let mut cleared = Vec::new();
+        for id in users {
+            if self.total(id) != 0 {
+                self.set_total(id, 0);
+                cleared.push(chunk_of(id));
+            }
+        }
+        // Chunks left empty go, as a build would not make them.
+        for chunk in cleared {
+            if self.totals[chunk]
+                .as_ref()
+                .is_some_and(|c| c.iter().all(|&t| t == 0))
+            {
+                self.totals[chunk] = None;
+            }
+        }
+        while self.totals.last().is_some_and(Option::is_none) {
+            self.totals.pop();
+        }
+        if self.pending.iter().any(|&id| users.contains(id)) {
+            Arc::make_mut(&mut self.pending).retain(|&id| !users.contains(id));
+        }
+        let gone: Vec<usize> = users
+            .iter()
+            .filter_map(|id| self.hot.binary_search(&id).ok())
+            .collect();
+        if !gone.is_empty() {
+            self.unplace(&gone);
+        }
+        self.cover(days);
+    }
+
+    /// Drops the places `gone` (ascending) from every day copy and row.
+    fn unplace(&mut self, gone: &[usize]) {
+        let mut moved = vec![GONE; self.hot.len()];
+        let mut hot = Vec::with_capacity(self.hot.len() - gone.len());
+        let mut gone = gone.iter().peekable();
+        for (place, &id) in self.hot.iter().enumerate() {
+            if gone.next_if_eq(&&place).is_none() {
+                moved[place] = hot.len() as u32;
+                hot.push(id);
+            }
+        }
+        self.days.retain(|_, day| {
+            *day = Arc::new(day.moved(&moved));
+            !day.places.is_empty()
+        });
+        let kept = |old: &[u16]| -> Vec<u16> {
+            old.iter()
+                .zip(&moved)
+                .filter(|&(_, &to)| to != GONE)
+                .map(|(&n, _)| n)
+                .collect()
+        };
+        for row in &mut self.rows {
+            *row = Arc::new(kept(row));
+        }
+        let stored = self
+            .stored
+            .iter()
+            .zip(&moved)
+            .filter(|&(_, &to)| to != GONE)
+            .map(|(&n, _)| n)
+            .collect();
+        self.stored = Arc::new(stored);
         self.hot = Arc::new(hot);
     }
 
@@ -670,6 +756,36 @@ mod tests {
         )
     }
 
+    /// A tier as a string short enough to read in a failure: the totals as (id, total)
+    /// with the chunks held.
+    fn summary(tier: &Frequent) -> String {
+        let chunks: Vec<usize> = (0..tier.totals.len())
+            .filter(|&c| tier.totals[c].is_some())
+            .collect();
+        let totals: Vec<(usize, u8)> = tier
+            .totals
+            .iter()
+            .enumerate()
+            .flat_map(|(c, chunk)| {
+                chunk
+                    .iter()
+                    .flat_map(move |t| t.iter().enumerate().map(move |(i, &n)| (c * CHUNK + i, n)))
+            })
+            .filter(|&(_, n)| n != 0)
+            .collect();
+        format!(
+            "chunks {chunks:?} of {}, totals {totals:?}, hot {:?}, pending {:?}, days {:?}, \
+             stored {:?}, rows {:?} from {}",
+            tier.totals.len(),
+            tier.hot,
+            tier.pending,
+            tier.days,
+            tier.stored,
+            tier.rows,
+            tier.first_row
+        )
+    }
+
     /// The tier with its pending users placed, as a build from scratch places them.
     fn placed(tier: &Frequent, days: &BTreeMap<i64, Arc<DayBucket>>) -> Frequent {
         let mut tier = tier.clone();
@@ -771,7 +887,11 @@ mod tests {
                 let rows = series.frequent.as_ref().map_or(0, |t| t.rows.len());
                 prop_assert!(rows <= params.max_rows.max(1), "{} rows", rows);
                 let tier = series.frequent.as_deref().map(|t| placed(t, &series.days));
-                prop_assert_eq!(tier, Some(Frequent::build(params, &series.days)));
+                let built = Frequent::build(params, &series.days);
+                if let Some(tier) = &tier {
+                    prop_assert_eq!(summary(tier), summary(&built));
+                }
+                prop_assert_eq!(tier, Some(built));
                 for &(start, length, k) in &windows {
                     let window = store.clamp(TimeWindow { start, end: start + length });
                     let expected = counted(&model, window, k);
