@@ -106,11 +106,18 @@ impl HotDay {
 
     /// This day with `adds` (ascending by place) added.
     fn merged(&self, adds: &[(u32, u32)]) -> Self {
+        self.moved_and_merged(None, adds)
+    }
+
+    /// This day with every place moved to `moved[place]` (ascending too; [`GONE`] drops
+    /// the entry), then `adds` (ascending by new place) added, in one pass.
+    fn moved_and_merged(&self, moved: Option<&[u32]>, adds: &[(u32, u32)]) -> Self {
         let mut mine = self
             .places
             .iter()
             .zip(&self.counts)
-            .map(|(&p, &n)| (p, u64::from(n)))
+            .map(|(&p, &n)| (moved.map_or(p, |m| m[p as usize]), u64::from(n)))
+            .filter(|&(p, _)| p != GONE)
             .peekable();
         let mut theirs = adds.iter().map(|&(p, n)| (p, u64::from(n))).peekable();
         let mut out = HotDay::default();
@@ -141,19 +148,6 @@ impl HotDay {
     fn shrink(&mut self) {
         self.places.shrink_to_fit();
         self.counts.shrink_to_fit();
-    }
-
-    /// This day with every place moved to `moved[place]` (ascending too).
-    /// ([`GONE`] drops the entry.)
-    fn moved(&self, moved: &[u32]) -> Self {
-        let (places, counts) = self
-            .places
-            .iter()
-            .zip(&self.counts)
-            .map(|(&p, &n)| (moved[p as usize], n))
-            .filter(|&(p, _)| p != GONE)
-            .unzip();
-        HotDay { places, counts }
     }
 
     /// Adds (or subtracts) this day's counts to `counts`, by place.
@@ -455,11 +449,9 @@ impl Frequent {
                 j += 1;
             }
         }
-        for day in self.days.values_mut() {
-            *day = Arc::new(day.moved(&moved));
-        }
         let mut columns = vec![vec![0u16; self.rows.len()]; promoted.len()];
         let mut totals = vec![0u32; promoted.len()];
+        let mut new_days = BTreeMap::new();
         for (&day, bucket) in days {
             let from = self.row_after(day);
             let mut adds = Vec::new();
@@ -474,10 +466,15 @@ impl Frequent {
                     *sum = sum.wrapping_add(n as u16);
                 }
             }
-            if !adds.is_empty() {
-                self.merge_day(day, &adds);
+            let old = self.days.get(&day).map(|d| &**d);
+            if old.is_some() || !adds.is_empty() {
+                let merged = old
+                    .unwrap_or(&HotDay::default())
+                    .moved_and_merged(Some(&moved), &adds);
+                new_days.insert(day, Arc::new(merged));
             }
         }
+        self.days = new_days;
         for (r, row) in self.rows.iter_mut().enumerate() {
             let new_column = |j: usize| columns[j][r];
             *row = Arc::new(widen(row, &moved, &new_places, new_column));
@@ -533,27 +530,13 @@ impl Frequent {
             }
         }
         self.days.retain(|_, day| {
-            *day = Arc::new(day.moved(&moved));
+            *day = Arc::new(day.moved_and_merged(Some(&moved), &[]));
             !day.places.is_empty()
         });
-        let kept = |old: &[u16]| -> Vec<u16> {
-            old.iter()
-                .zip(&moved)
-                .filter(|&(_, &to)| to != GONE)
-                .map(|(&n, _)| n)
-                .collect()
-        };
         for row in &mut self.rows {
-            *row = Arc::new(kept(row));
+            *row = Arc::new(narrow(row, &moved));
         }
-        let stored = self
-            .stored
-            .iter()
-            .zip(&moved)
-            .filter(|&(_, &to)| to != GONE)
-            .map(|(&n, _)| n)
-            .collect();
-        self.stored = Arc::new(stored);
+        self.stored = Arc::new(narrow(&self.stored, &moved));
         self.hot = Arc::new(hot);
     }
 
@@ -693,6 +676,15 @@ fn widen<T: Copy + Default>(
         out[to as usize] = new(j);
     }
     out
+}
+
+/// `old` without the places `moved` marks [`GONE`].
+fn narrow<T: Copy>(old: &[T], moved: &[u32]) -> Vec<T> {
+    old.iter()
+        .zip(moved)
+        .filter(|&(_, &to)| to != GONE)
+        .map(|(&n, _)| n)
+        .collect()
 }
 
 /// Events of `id` in `window`, one day bucket after the other.
