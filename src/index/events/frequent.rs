@@ -95,7 +95,20 @@ struct HotDay {
 }
 
 impl HotDay {
+    /// Adds `n` events of `place` at the end, folded into its last entry when it is there
+    /// already (only that one can be short of 65,535).
     fn push(&mut self, place: u32, mut n: u64) {
+        if self.places.last() == Some(&place) {
+            self.places.pop();
+            n += self.counts.pop().map_or(0, u64::from);
+        }
+        if let Ok(small) = u16::try_from(n) {
+            if small > 0 {
+                self.places.push(place);
+                self.counts.push(small);
+            }
+            return;
+        }
         while n > 0 {
             let part = n.min(u64::from(u16::MAX));
             self.places.push(place);
@@ -112,36 +125,35 @@ impl HotDay {
     /// This day with every place moved to `moved[place]` (ascending too; [`GONE`] drops
     /// the entry), then `adds` (ascending by new place) added, in one pass.
     fn moved_and_merged(&self, moved: Option<&[u32]>, adds: &[(u32, u32)]) -> Self {
-        let mut mine = self
-            .places
-            .iter()
-            .zip(&self.counts)
-            .map(|(&p, &n)| (moved.map_or(p, |m| m[p as usize]), u64::from(n)))
-            .filter(|&(p, _)| p != GONE)
-            .peekable();
-        let mut theirs = adds.iter().map(|&(p, n)| (p, u64::from(n))).peekable();
-        let mut out = HotDay::default();
-        let mut pending: Option<(u32, u64)> = None;
-        loop {
-            let next = match (mine.peek(), theirs.peek()) {
-                (Some(a), Some(b)) if a.0 > b.0 => theirs.next(),
-                (Some(_), _) => mine.next(),
-                (None, _) => theirs.next(),
-            };
-            let Some((place, n)) = next else { break };
-            match pending {
-                Some((p, sum)) if p == place => pending = Some((p, sum + n)),
-                _ => {
-                    if let Some((p, sum)) = pending.replace((place, n)) {
-                        out.push(p, sum);
-                    }
-                }
+        let capacity = self.places.len() + adds.len();
+        let mut out = HotDay {
+            places: Vec::with_capacity(capacity),
+            counts: Vec::with_capacity(capacity),
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < self.places.len() {
+            let old = self.places[i];
+            let mut sum = 0u64;
+            while self.places.get(i) == Some(&old) {
+                sum += u64::from(self.counts[i]);
+                i += 1;
             }
+            let place = moved.map_or(old, |m| m[old as usize]);
+            if place == GONE {
+                continue;
+            }
+            while let Some(&(p, n)) = adds.get(j).filter(|&&(p, _)| p < place) {
+                out.push(p, u64::from(n));
+                j += 1;
+            }
+            out.push(place, sum);
         }
-        if let Some((p, sum)) = pending {
-            out.push(p, sum);
+        for &(p, n) in &adds[j..] {
+            out.push(p, u64::from(n));
         }
-        out.shrink();
+        if out.places.len() + out.places.len() / 8 < capacity {
+            out.shrink();
+        }
         out
     }
 
