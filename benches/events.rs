@@ -8,6 +8,7 @@
 //!   IN LAST 14d`
 //! - `did/frequent_views`: `DID page_view AT LEAST 20 TIMES IN LAST 90d`
 //! - `did/record_100_events`: a `RecordEvents` batch of 100 events of a live stream
+//! - `did/frequent_views_after_writes`: the third query again after that stream
 //! - `did/delete_1_user`: deleting one active user
 //! - printed once: import throughput (events/s) and resident bytes per event.
 
@@ -314,6 +315,13 @@ fn benches(c: &mut Criterion) {
                     .expect("write"),
             )
         })
+    });
+    // The frequent-view query again on what the stream left: up to 31 new frequent users
+    // wait for their places and are counted one by one.
+    let streamed = engine.snapshot("default").expect("dataset");
+    let audience = parse(FREQUENT_VIEWS);
+    group.bench_function("frequent_views_after_writes", |b| {
+        b.iter(|| black_box(streamed.count(&audience, AS_OF).expect("query runs")))
     });
     // A delete rewrites the days its user appears in and rebuilds the tiers of busy names.
     let mut row = 0;

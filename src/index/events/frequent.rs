@@ -60,7 +60,7 @@ impl TierParams {
         every: 16,
         max_rows: 32,
         min_pairs: 1 << 22,
-        place_after: 16,
+        place_after: 32,
     };
 }
 
