@@ -11,8 +11,8 @@
 //! Per bucket, users are sorted and their times sorted within each user, so that one user's
 //! events are a contiguous run: `times[ends[i-1]..ends[i]]` belongs to `ids[i]`.
 //!
-//! A busy name also keeps its frequent users apart (`events/frequent.rs`), so that "at least k times"
-//! with a large k reads them alone instead of every pair in the window.
+//! A busy name also keeps its frequent users apart (`events/frequent.rs`), so that "at least
+//! k times" with a large k reads them alone instead of every pair in the window.
 //!
 //! Memory per event: 4 bytes of time offset, plus per (user, day) pair 8 bytes of id and run
 //! end; events of one user on one day share the pair.
@@ -325,9 +325,9 @@ impl EventSeries {
         self.days.insert(day, Arc::new(bucket));
     }
 
-    /// Brings the frequent-user tier up to date after `added` events were merged into the
-    /// days: `batch` holds them (per day, sorted) when the tier can take them in; a write as
-    /// large as an eighth of the name rebuilds it instead.
+    /// Brings the frequent-user tier up to date after a write was merged into the days:
+    /// `batch` holds its events (per day, sorted) when the tier can take them in one by one,
+    /// and is `None` for a write as large as an eighth of the name, which rebuilds it.
     fn update_tier(&mut self, params: TierParams, batch: Option<&BTreeMap<i64, Vec<PackedEvent>>>) {
         match (&mut self.frequent, batch) {
             (Some(tier), Some(batch)) => Arc::make_mut(tier).add(&self.days, batch),

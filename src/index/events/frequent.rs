@@ -2,9 +2,9 @@
 //! large k reads them alone.
 //!
 //! A user with fewer than `hot_at` stored events of a name can never have `k >= hot_at` of
-//! them in any window. Such queries therefore need only the users at or above it: a few
-//! percent of a busy name's users, and none of the long tail that makes up most of its
-//! (user, day) pairs. For those frequent users the tier keeps
+//! them in any window. Such queries therefore need only the users at or above it: a tenth or
+//! less of a busy name's users, and none of the long tail that makes up most of its (user,
+//! day) pairs. For those frequent users the tier keeps
 //! - their count on each day (a copy of what the day buckets hold for them), and
 //! - every `every` days a checkpoint row: each one's events on all earlier days.
 //!
@@ -13,8 +13,9 @@
 //! two edge days are read from the day buckets' times, so that the result stays exact to the
 //! millisecond while the work grows with the frequent users, not with the window.
 //!
-//! Memory: a byte per user id (the totals that say when a user becomes frequent), 6 bytes per
-//! frequent (user, day) pair and 2 bytes per frequent user per checkpoint.
+//! Memory: a byte per user id (the totals that say when a user becomes frequent), 8 bytes per
+//! frequent user (id and stored total), 6 per frequent (user, day) pair and 2 per frequent
+//! user per checkpoint.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
