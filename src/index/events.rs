@@ -383,7 +383,7 @@ impl EventSeries {
         // The tier's work grows with its users: a window with fewer pairs is walked instead.
         if let (Some(tier), Ok(k)) = (&self.frequent, u32::try_from(k)) {
             if k >= u32::from(tier.hot_at()) && self.pairs(window) > tier.users() as u64 {
-                return tier.select(&self.days, window, k);
+                return self.select_frequent(tier, window, k);
             }
         }
         // The narrowest counter that can hold k keeps the buffer in the closest cache.
@@ -447,6 +447,13 @@ impl EventSeries {
             words[(id >> 6) as usize] |= 1 << (id & 63);
         }
         super::bitmap::from_words(&words)
+    }
+
+    /// `AT LEAST k` (k at or above the tier's threshold) through the frequent-user tier; the
+    /// few frequent users it cannot count are looked up one by one.
+    fn select_frequent(&self, tier: &Frequent, window: TimeWindow, k: u32) -> Bitmap {
+        let (found, uncounted) = tier.select(&self.days, window, k);
+        found | self.select_each(window, u64::from(k), &uncounted)
     }
 
     fn select_each(&self, window: TimeWindow, k: u64, scope: &Bitmap) -> Bitmap {

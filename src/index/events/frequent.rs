@@ -566,14 +566,16 @@ impl Frequent {
 
     /// Users with at least `k` events in `window`, for `k >= hot_at`: only frequent users
     /// can have that many. `days` are the name's day buckets, for the edge days' times.
+    /// Returns the users found, and the frequent users the tier cannot count (those
+    /// waiting for a place, and bots), for the caller to count one by one.
     pub fn select(
         &self,
         days: &BTreeMap<i64, Arc<DayBucket>>,
         window: TimeWindow,
         k: u32,
-    ) -> Bitmap {
+    ) -> (Bitmap, Bitmap) {
         if window.start >= window.end || k < u32::from(self.params.hot_at) {
-            return Bitmap::new();
+            return (Bitmap::new(), Bitmap::new());
         }
         let first = window.start.div_euclid(DAY_MS);
         let last = (window.end - 1).div_euclid(DAY_MS);
@@ -614,19 +616,22 @@ impl Frequent {
             }
         }
         let mut reached = Vec::new();
+        let mut bots = Vec::new();
         for ((&n, &stored), &id) in counts.iter().zip(self.stored.iter()).zip(self.hot.iter()) {
-            let bot = stored > u32::from(u16::MAX);
-            if (!bot && n >= k) || (bot && counted(days, window, id) >= u64::from(k)) {
+            if stored > u32::from(u16::MAX) {
+                bots.push(id);
+            } else if n >= k {
                 reached.push(id);
             }
         }
-        let placed = Bitmap::from_sorted_iter(reached).unwrap_or_default();
-        let pending = self
-            .pending
-            .iter()
-            .copied()
-            .filter(|&id| counted(days, window, id) >= u64::from(k));
-        placed | Bitmap::from_sorted_iter(pending).unwrap_or_default()
+        let uncounted: Bitmap = bots
+            .into_iter()
+            .chain(self.pending.iter().copied())
+            .collect();
+        (
+            Bitmap::from_sorted_iter(reached).unwrap_or_default(),
+            uncounted,
+        )
     }
 
     /// Adds the frequent users' events of a partial day: their runs in the day bucket, found
@@ -698,19 +703,6 @@ fn narrow<T: Copy>(old: &[T], moved: &[u32]) -> Vec<T> {
         .filter(|&(_, &to)| to != GONE)
         .map(|(&n, _)| n)
         .collect()
-}
-
-/// Events of `id` in `window`, one day bucket after the other.
-#[cold]
-fn counted(days: &BTreeMap<i64, Arc<DayBucket>>, window: TimeWindow, id: DenseId) -> u64 {
-    let first = window.start.div_euclid(DAY_MS);
-    let last = (window.end - 1).div_euclid(DAY_MS);
-    days.range(first..=last)
-        .map(|(&day, bucket)| {
-            let span = DaySpan::of(day, window);
-            u64::from(bucket.count_of(id, span.lo, span.hi))
-        })
-        .sum()
 }
 
 fn chunk_of(id: DenseId) -> usize {
@@ -907,7 +899,7 @@ mod tests {
                     );
                     if let (Some(tier), Ok(k)) = (&series.frequent, u32::try_from(k)) {
                         if k >= u32::from(tier.hot_at()) {
-                            prop_assert_eq!(tier.select(&series.days, window, k), expected);
+                            prop_assert_eq!(series.select_frequent(tier, window, k), expected);
                         }
                     }
                 }
@@ -989,11 +981,10 @@ mod tests {
             start: 0,
             end: 6 * DAY_MS,
         };
-        assert_eq!(
-            t.select(&store.series("e").unwrap_or_else(|| panic!()).days, all, 3)
-                .iter()
-                .collect::<Vec<_>>(),
-            [1]
-        );
+        let Some(series) = store.series("e") else {
+            panic!("no series")
+        };
+        let found = series.select_frequent(&t, all, 3);
+        assert_eq!(found.iter().collect::<Vec<_>>(), [1]);
     }
 }
