@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "audience/v1/ingest.proto",
     "audience/v1/schema.proto",
     "audience/v1/watch.proto",
+    "audience/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -76,8 +76,11 @@ fn parquet_file(users: u64, events: u64) -> PathBuf {
 }
 
 /// Imports the file into an empty engine through the import path a server uses.
-fn import(path: &Path, runtime: &tokio::runtime::Runtime) -> (Engine, Arc<DatasetState>, u64, u64) {
-    let engine = Engine::new(Limits::default(), Arc::new(SystemClock));
+fn import(
+    path: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> (Arc<Engine>, Arc<DatasetState>, u64, u64) {
+    let engine = Arc::new(Engine::new(Limits::default(), Arc::new(SystemClock)));
     let before = resident_bytes();
     let started = Instant::now();
     let imported = runtime.block_on(async {
@@ -92,7 +95,7 @@ fn import(path: &Path, runtime: &tokio::runtime::Runtime) -> (Engine, Arc<Datase
             events += outcome.events;
         }
         import.settle().await.expect("settle");
-        import.commit().expect("commit");
+        import.commit().await.expect("commit");
         events
     });
     let seconds = started.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Limits;
+pub use crate::persist::FsyncPolicy;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
@@ -25,10 +26,23 @@ pub enum LogFormat {
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
-    /// Directory for the write-ahead log and snapshots (durability arrives in a later release).
+    /// Directory of the write-ahead log and snapshots; unset, everything is kept in memory
+    /// only and lost at exit.
     pub data_dir: Option<PathBuf>,
-    /// Redis as the shared durable store (durability arrives in a later release).
+    /// Redis as the shared store of several replicas (refused until Redis mode lands).
     pub redis_url: Option<String>,
+    /// When a logged write is forced to disk before it is acknowledged: `always` (each write
+    /// waits for an fsync, shared with writes arriving at the same time) or `interval` (writes
+    /// wait for a group fsync every `fsync_interval_ms`).
+    pub fsync: FsyncPolicy,
+    /// The group-commit interval of `fsync = "interval"`, in milliseconds.
+    pub fsync_interval_ms: u64,
+    /// A log segment file is closed and a new one started past this size.
+    pub wal_segment_bytes: u64,
+    /// A snapshot is written in the background once the log holds this many bytes.
+    pub snapshot_log_bytes: u64,
+    /// The longest, in seconds, that a deleted user's bytes stay in the log or a snapshot.
+    pub erasure_max_age_secs: u64,
     /// Users of generated demo data to load at start (0: none).
     pub demo_users: u64,
     /// Behaviour events of those users to generate at start (0: none).
@@ -52,6 +66,11 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: None,
             redis_url: None,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 10,
+            wal_segment_bytes: 64 << 20,
+            snapshot_log_bytes: 256 << 20,
+            erasure_max_age_secs: 24 * 3600,
             demo_users: 0,
             demo_events: 0,
             log_format: LogFormat::Text,
@@ -120,6 +139,26 @@ impl Config {
             (
                 self.segment_refresh_secs > 0,
                 "segment_refresh_secs must be positive",
+            ),
+            (
+                self.redis_url.is_none(),
+                "redis_url: Redis mode is not available in this build yet; use data_dir",
+            ),
+            (
+                (1..=60_000).contains(&self.fsync_interval_ms),
+                "fsync_interval_ms must be between 1 and 60000",
+            ),
+            (
+                self.wal_segment_bytes >= 64 * 1024,
+                "wal_segment_bytes must be at least 65536",
+            ),
+            (
+                self.snapshot_log_bytes >= 64 * 1024,
+                "snapshot_log_bytes must be at least 65536",
+            ),
+            (
+                self.erasure_max_age_secs > 0,
+                "erasure_max_age_secs must be positive",
             ),
             (
                 limits.max_batch_events > 0,

@@ -11,6 +11,7 @@
 //! - [`grpc`]: the tonic services, conversion from and to protobuf, the server builder.
 //! - [`engine`]: datasets, versions, the write path, expression binding and evaluation, queries.
 //! - [`index`]: bitmaps, chunked columns, the key and value dictionaries.
+//! - [`persist`]: the write-ahead log and snapshots, in a local directory or in Redis.
 //! - [`expr`]: the expression syntax tree, its text parser and printer.
 //! - [`config`], [`cli`], [`demo`]: start-up configuration, the command line, the demo data.
 
@@ -22,5 +23,6 @@ pub mod expr;
 pub mod grpc;
 pub mod index;
 pub mod memory;
+pub mod persist;
 pub mod rng;
 pub mod time;

@@ -125,7 +125,57 @@ pub async fn run(addr: &str, json: bool, command: Command) -> Result<()> {
             dataset,
             resume,
         } => watch(channel, out, segment_ids, dataset, resume, json).await,
+        Command::Snapshot { dataset } => snapshot(channel, out, dataset, json).await,
     }
+}
+
+/// Asks for a snapshot, showing a bar of datasets written, and prints where it went.
+async fn snapshot(
+    channel: Channel,
+    out: &mut impl Write,
+    dataset: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel);
+    let request = pb::SnapshotRequest {
+        dataset: dataset.unwrap_or_default(),
+    };
+    let mut progress = client.snapshot(request).await?.into_inner();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} datasets {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last = pb::SnapshotResponse::default();
+    while let Some(update) = progress.message().await? {
+        bar.set_length(update.datasets_total);
+        bar.set_position(update.datasets_written);
+        bar.set_message(update.dataset.clone());
+        last = update;
+    }
+    bar.finish_and_clear();
+    if !last.done {
+        return Err(ClientError::Input(
+            "the snapshot ended before the server confirmed it".into(),
+        ));
+    }
+    if json {
+        let line = json!({
+            "path": last.path,
+            "datasets": last.datasets_written,
+            "bytes": last.bytes,
+            "log_bytes_freed": last.log_bytes_freed,
+            "seconds": last.seconds,
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(
+            out,
+            "snapshot {}: {} datasets, {} bytes, {} log bytes freed, {:.2} s",
+            last.path, last.datasets_written, last.bytes, last.log_bytes_freed, last.seconds
+        )?;
+    }
+    Ok(())
 }
 
 fn text_audience(expr: String) -> pb::Audience {

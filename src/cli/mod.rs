@@ -98,6 +98,13 @@ pub enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// Write a snapshot of the server's data now (showing progress) and free the log it
+    /// covers; the server must run with --data-dir.
+    Snapshot {
+        /// Write only this dataset afresh, carrying the others over (frees no log).
+        #[arg(long)]
+        dataset: Option<String>,
+    },
 }
 
 /// What an import file holds.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, LogFormat};
-use crate::engine::{Engine, ImportBatch, DEFAULT_DATASET};
+use crate::engine::{DurableOptions, Engine, ImportBatch, DEFAULT_DATASET};
 use crate::grpc::{serve, Services};
+use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
 
 /// Flags of `serve`; each also reads an `AUDIENCE_*` variable and overrides the config file.
@@ -19,12 +20,28 @@ pub struct ServeArgs {
     /// Listen address, e.g. 0.0.0.0:50051.
     #[arg(long, env = "AUDIENCE_LISTEN")]
     listen: Option<std::net::SocketAddr>,
-    /// Data directory of the embedded store.
+    /// Data directory of the write-ahead log and snapshots (unset: memory only).
     #[arg(long, env = "AUDIENCE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Redis URL of the shared store.
+    /// Redis URL of the shared store (refused until Redis mode lands).
     #[arg(long, env = "AUDIENCE_REDIS_URL")]
     redis_url: Option<String>,
+    /// When a write is forced to disk before it is acknowledged: always or interval.
+    #[arg(long, env = "AUDIENCE_FSYNC")]
+    fsync: Option<crate::persist::FsyncPolicy>,
+    /// Milliseconds between group fsyncs with `--fsync interval`.
+    #[arg(long, env = "AUDIENCE_FSYNC_INTERVAL_MS")]
+    fsync_interval_ms: Option<u64>,
+    /// Log bytes after which a snapshot is written in the background.
+    #[arg(long, env = "AUDIENCE_SNAPSHOT_LOG_BYTES")]
+    snapshot_log_bytes: Option<u64>,
+    /// Seconds within which a deleted user's bytes leave every log and snapshot file.
+    #[arg(long, env = "AUDIENCE_ERASURE_MAX_AGE_SECS")]
+    erasure_max_age_secs: Option<u64>,
+    /// Start from what is valid when the log or a snapshot is corrupt, dropping the rest (and
+    /// saying what), instead of refusing to start.
+    #[arg(long, env = "AUDIENCE_RECOVER_TRUNCATE")]
+    recover_truncate: bool,
     /// Load N generated demo users into the `default` dataset at start.
     #[arg(long, env = "AUDIENCE_DEMO_USERS")]
     demo_users: Option<u64>,
@@ -72,6 +89,18 @@ impl ServeArgs {
         if let Some(url) = &self.redis_url {
             config.redis_url = Some(url.clone());
         }
+        if let Some(policy) = self.fsync {
+            config.fsync = policy;
+        }
+        if let Some(ms) = self.fsync_interval_ms {
+            config.fsync_interval_ms = ms;
+        }
+        if let Some(bytes) = self.snapshot_log_bytes {
+            config.snapshot_log_bytes = bytes;
+        }
+        if let Some(secs) = self.erasure_max_age_secs {
+            config.erasure_max_age_secs = secs;
+        }
         if let Some(n) = self.demo_users {
             config.demo_users = n;
         }
@@ -112,10 +141,8 @@ fn init_logging(format: LogFormat) {
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let config = args.config()?;
     init_logging(config.log_format);
-    if config.data_dir.is_some() || config.redis_url.is_some() {
-        tracing::warn!(
-            "durable storage is not available in this release: data is kept in memory only"
-        );
+    if config.data_dir.is_none() {
+        tracing::warn!("no data_dir: data is kept in memory only and lost when the server stops");
     }
     let listener = TcpListener::bind(config.listen)
         .await
@@ -125,27 +152,68 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         })?;
     tracing::info!(addr = %config.listen, "listening");
     let engine = Arc::new(Engine::new(config.limits, Arc::new(SystemClock)));
+    // Requests get `loading` until recovery and the demo load are done.
+    engine.progress().begin(1);
     let services = Services {
         engine: engine.clone(),
         max_message_bytes: config.max_message_bytes,
         import_dir: config.import_dir.clone(),
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
     };
+    let durable = durable_options(&config, args.recover_truncate);
     let (demo_users, demo_events) = (config.demo_users, config.demo_events);
     let ready = async move {
-        if demo_users > 0 {
-            load_demo(&engine, demo_users).await;
+        if let Some(options) = durable {
+            let report = engine
+                .open_durable(options)
+                .await
+                .map_err(|e| e.to_string())?;
+            for dropped in &report.dropped {
+                tracing::warn!(%dropped, "recovery dropped data");
+            }
         }
-        if demo_users > 0 && demo_events > 0 {
-            load_demo_events(&engine, demo_users, demo_events).await;
+        // A dataset recovered from disk is not loaded again.
+        let has_default = engine
+            .snapshot(DEFAULT_DATASET)
+            .is_ok_and(|state| !state.live.is_empty() || state.events.events() > 0);
+        if demo_users > 0 && !has_default {
+            load_demo(&engine, demo_users, demo_events).await?;
         }
+        engine.progress().finish();
+        Ok(())
     };
     serve(services, listener, ready, shutdown_signal()).await?;
     Ok(())
 }
 
+/// The embedded store's settings, when a data directory is set.
+fn durable_options(config: &Config, repair: bool) -> Option<DurableOptions> {
+    let data_dir = config.data_dir.clone()?;
+    Some(DurableOptions {
+        data_dir,
+        wal: WalOptions {
+            policy: config.fsync,
+            interval: std::time::Duration::from_millis(config.fsync_interval_ms),
+            segment_bytes: config.wal_segment_bytes,
+        },
+        snapshot_log_bytes: config.snapshot_log_bytes,
+        erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
+        repair,
+    })
+}
+
+/// Loads the demo users and then their events, counting both in the load progress.
+async fn load_demo(engine: &Arc<Engine>, users: u64, events: u64) -> Result<(), String> {
+    engine.progress().begin(users + events);
+    load_demo_users(engine, users).await;
+    if events > 0 {
+        load_demo_events(engine, users, events).await;
+    }
+    Ok(())
+}
+
 /// Loads the demo dataset, logging progress every ~10%.
-async fn load_demo(engine: &Engine, users: u64) {
+async fn load_demo_users(engine: &Arc<Engine>, users: u64) {
     const BATCH_ROWS: usize = 64 * 1024;
     let started = std::time::Instant::now();
     let result = async {
@@ -161,11 +229,12 @@ async fn load_demo(engine: &Engine, users: u64) {
                     id_column: "user_id".into(),
                 })
                 .await?;
+            engine.progress().advance(loaded);
             if loaded % step < BATCH_ROWS as u64 || loaded == users {
                 tracing::info!(loaded, users, "loading demo users");
             }
         }
-        import.commit()
+        import.commit().await
     }
     .await;
     match result {
@@ -180,7 +249,7 @@ async fn load_demo(engine: &Engine, users: u64) {
 
 /// Loads demo behaviour events of the demo users over the year before now, logging progress
 /// every ~10%.
-async fn load_demo_events(engine: &Engine, users: u64, events: u64) {
+async fn load_demo_events(engine: &Arc<Engine>, users: u64, events: u64) {
     const BATCH_ROWS: u64 = 64 * 1024;
     let started = std::time::Instant::now();
     let result = async {
@@ -197,13 +266,14 @@ async fn load_demo_events(engine: &Engine, users: u64, events: u64) {
                     .apply_events(crate::demo::events_batch(&chunk))
                     .await?;
                 chunk.clear();
+                engine.progress().advance(users + loaded);
                 if loaded % step < BATCH_ROWS || loaded == events {
                     tracing::info!(loaded, events, "loading demo events");
                 }
             }
         }
         import.settle().await?;
-        import.commit()
+        import.commit().await
     }
     .await;
     match result {

@@ -10,7 +10,7 @@ use crate::index::AttributeKind;
 use crate::time::Millis;
 
 /// One atomic write to one dataset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Change {
     /// Partial updates of users, created when unknown.
     UpsertUsers(Vec<UserUpdate>),
@@ -36,7 +36,7 @@ pub enum Change {
 }
 
 /// One behaviour event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EventRecord {
     pub user_id: String,
     pub event: String,
@@ -46,28 +46,30 @@ pub struct EventRecord {
 }
 
 /// A record batch of a users table and the name of its id column.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ImportBatch {
+    /// Logged as an Arrow IPC stream.
+    #[serde(with = "super::record::ipc")]
     pub batch: RecordBatch,
     pub id_column: String,
 }
 
 /// Changes to one user.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UserUpdate {
     pub user_id: String,
     pub changes: Vec<AttributeChange>,
 }
 
 /// One change to one attribute of one user.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AttributeChange {
     pub attribute: String,
     pub op: ChangeOp,
 }
 
 /// What happens to the attribute.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ChangeOp {
     /// Replace the value (a set attribute: all its members).
     Set(AttributeValue),
@@ -80,7 +82,7 @@ pub enum ChangeOp {
 }
 
 /// A value written to an attribute; its variant picks the kind of a new attribute.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum AttributeValue {
     String(String),
     Set(Vec<String>),
@@ -105,7 +107,7 @@ impl AttributeValue {
 }
 
 /// A saved segment's definition (its membership is derived).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentDefinition {
     pub id: String,
     pub name: String,

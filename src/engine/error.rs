@@ -109,6 +109,10 @@ pub enum EngineError {
     SegmentDeleted(String),
     #[error("dataset '{0}' was created by another write at the same time; retry")]
     ConcurrentCreate(String),
+    #[error("loading: {done} of {total}")]
+    Loading { done: u64, total: u64 },
+    #[error("storage: {0}")]
+    Storage(#[from] crate::persist::PersistError),
     #[error("internal error: {0}")]
     Internal(String),
 }

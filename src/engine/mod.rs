@@ -11,11 +11,15 @@
 //! - [`plan`], [`eval`]: binding an expression to a snapshot, evaluating it on bitmaps.
 //! - [`query`]: counts, breakdowns, samples, overlap, lookups, schema.
 //! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers.
+//! - [`transaction`]: multi-batch imports, published and logged whole.
+//! - [`record`], [`snapshot`], [`durable`]: writes as log records, versions as snapshot files,
+//!   logging before publishing, background snapshots and recovery.
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
 //! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
 
 pub mod change;
 pub mod cursor;
+pub mod durable;
 pub mod error;
 pub mod eval;
 pub mod event_import;
@@ -24,21 +28,24 @@ pub mod feed;
 pub mod import;
 pub mod plan;
 pub mod query;
+pub mod record;
+pub mod snapshot;
 pub mod state;
+pub mod transaction;
 pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use arrow_array::RecordBatch;
-
 pub use change::{
     AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, EventRecord, ImportBatch,
     SegmentDefinition, UserUpdate,
 };
+pub use durable::{DurableOptions, LoadProgress, RecoveryReport, SnapshotReport};
 pub use error::{EngineError, Result};
 pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
 pub use state::{DatasetState, Segment};
+pub use transaction::Import;
 pub use watch::{ChangeKind, MembershipChange, WatchBatch, Watcher};
 
 use crate::expr::Expr;
@@ -143,6 +150,10 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     limits: Limits,
     cursors: CursorCache,
+    /// The log and snapshots once [`Engine::open_durable`] ran; in memory only without.
+    journal: std::sync::OnceLock<Arc<durable::Journal>>,
+    /// Requests are refused while a start-up load runs.
+    progress: LoadProgress,
 }
 
 impl Default for Engine {
@@ -180,6 +191,8 @@ impl Engine {
             clock,
             cursors: CursorCache::new(limits.max_open_cursors, limits.cursor_ttl_secs),
             limits,
+            journal: std::sync::OnceLock::new(),
+            progress: LoadProgress::default(),
         }
     }
 
@@ -279,32 +292,55 @@ impl Engine {
     /// # Errors
     /// Whatever is invalid in the change; nothing is applied then.
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
+        self.check_ready()?;
         self.check_change(&change)?;
+        let name = dataset_name(dataset)?;
         loop {
             let (handle, pending) = match &change {
-                Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(dataset)?, None),
-                _ => self.dataset_or_new(dataset)?,
+                Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(name)?, None),
+                _ => self.dataset_or_new(name)?,
             };
             let _writer = handle.writer.lock().await;
             let mut state = DatasetState::clone(&handle.current());
             let now = self.now();
-            let record = change.clone();
-            let (state, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = state.apply(&record, now)?;
-                Ok::<_, EngineError>((state, outcome))
+            let is_delete = matches!(change, Change::DeleteUsers(_));
+            let change = change.clone();
+            let logged = self.is_durable().then(|| name.to_owned());
+            let (mut state, outcome, bytes) = tokio::task::spawn_blocking(move || {
+                let outcome = state.apply(&change, now)?;
+                let bytes = match logged {
+                    Some(dataset) => Some(record::encode(&record::LogRecord {
+                        dataset,
+                        now,
+                        body: record::RecordBody::Change(change),
+                    })?),
+                    None => None,
+                };
+                Ok::<_, EngineError>((state, outcome, bytes))
             })
             .await
             .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
-            handle.publish(state, feed::FeedBounds::from(&self.limits));
-            match pending {
-                None => return Ok(outcome),
-                Some(name) => match register(&self.datasets, &name, &handle) {
-                    Ok(()) => return Ok(outcome),
+            if let Some(name) = &pending {
+                match register(&self.datasets, name, &handle) {
+                    Ok(()) => {}
                     // Another first write won the race: apply this one on top of it.
                     Err(EngineError::ConcurrentCreate(_)) => continue,
                     Err(other) => return Err(other),
-                },
+                }
             }
+            if let (Some(bytes), Some(journal)) = (bytes, self.journal()) {
+                match self.log_bytes(journal, bytes, is_delete).await {
+                    Ok(position) => state.log_position = position,
+                    Err(error) => {
+                        if let Some(name) = &pending {
+                            unregister(&self.datasets, name, &handle);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            handle.publish(state, feed::FeedBounds::from(&self.limits));
+            return Ok(outcome);
         }
     }
 
@@ -371,29 +407,6 @@ impl Engine {
         }
     }
 
-    /// Starts a multi-batch import: batches apply to a private version, published by
-    /// [`Import::commit`] all at once. Other writers of the dataset wait until then; readers do not.
-    ///
-    /// # Errors
-    /// An invalid dataset name.
-    pub async fn begin_import(&self, dataset: &str) -> Result<Import> {
-        let (handle, pending) = self.dataset_or_new(dataset)?;
-        let guard = handle.writer.clone().lock_owned().await;
-        let state = DatasetState::clone(&handle.current());
-        Ok(Import {
-            registry: self.datasets.clone(),
-            handle,
-            pending,
-            _guard: guard,
-            state: Some(state),
-            outcome: ChangeOutcome::default(),
-            now: self.now(),
-            staged: event_import::StagedEvents::default(),
-            rows: 0,
-            bounds: feed::FeedBounds::from(&self.limits),
-        })
-    }
-
     /// Creates a saved segment.
     ///
     /// # Errors
@@ -454,6 +467,17 @@ type Pending = Option<String>;
 /// Every dataset by name.
 type Registry = Arc<RwLock<BTreeMap<String, Arc<Dataset>>>>;
 
+/// Takes back a dataset registered by a first write that then failed to be logged.
+fn unregister(registry: &Registry, name: &str, handle: &Arc<Dataset>) {
+    let mut map = match registry.write() {
+        Ok(map) => map,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if map.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+        map.remove(name);
+    }
+}
+
 /// Registers a dataset created by its first successful write.
 ///
 /// # Errors
@@ -467,141 +491,4 @@ fn register(registry: &Registry, name: &str, handle: &Arc<Dataset>) -> Result<()
     }
     map.insert(name.to_owned(), handle.clone());
     Ok(())
-}
-
-/// A multi-batch import in progress; dropped without [`Import::commit`], it leaves no trace.
-pub struct Import {
-    /// Where a dataset created by this import is registered on commit.
-    registry: Registry,
-    handle: Arc<Dataset>,
-    /// Set when the import creates its dataset.
-    pending: Pending,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-    /// The private version; `None` only while a batch is being applied.
-    state: Option<DatasetState>,
-    outcome: ChangeOutcome,
-    now: Millis,
-    /// Events read so far, merged into the index by [`Import::settle`].
-    staged: event_import::StagedEvents,
-    /// Rows of events read so far, to name a bad row by its place in the whole import.
-    rows: u64,
-    /// How much of the import's transitions the watch feed keeps.
-    bounds: feed::FeedBounds,
-}
-
-impl Import {
-    /// Applies one record batch to the private version.
-    ///
-    /// # Errors
-    /// A bad column or value; the import is then unusable and must be dropped.
-    pub async fn apply(&mut self, batch: ImportBatch) -> Result<ChangeOutcome> {
-        let mut state = self
-            .state
-            .take()
-            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
-        let now = self.now;
-        let (state, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = state.apply(&Change::ImportUsers(batch), now)?;
-            Ok::<_, EngineError>((state, outcome))
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
-        self.state = Some(state);
-        self.outcome += outcome;
-        Ok(outcome)
-    }
-
-    /// Reads one record batch of an events table; its events reach the index in
-    /// [`Import::settle`], all at once.
-    ///
-    /// # Errors
-    /// A bad column or value; the import is then unusable and must be dropped.
-    pub async fn apply_events(&mut self, batch: RecordBatch) -> Result<ChangeOutcome> {
-        let mut state = self
-            .state
-            .take()
-            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
-        let mut staged = std::mem::take(&mut self.staged);
-        let (now, cutoff) = (self.now, state.retention_cutoff(self.now));
-        let first_row = self.rows;
-        self.rows += batch.num_rows() as u64;
-        let (state, staged, outcome) = tokio::task::spawn_blocking(move || {
-            let at = (cutoff, now, first_row);
-            let outcome = event_import::stage_batch(&mut state, &batch, at, &mut staged)?;
-            Ok::<_, EngineError>((state, staged, outcome))
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
-        self.state = Some(state);
-        self.staged = staged;
-        self.outcome += outcome;
-        Ok(outcome)
-    }
-
-    /// Merges staged events into the index and brings segments up to date for their users.
-    ///
-    /// # Errors
-    /// A segment that fails to evaluate; the import is then unusable.
-    pub async fn settle(&mut self) -> Result<()> {
-        if self.staged.batch.is_empty() && self.staged.touched.is_empty() {
-            return Ok(());
-        }
-        let mut state = self
-            .state
-            .take()
-            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
-        let staged = std::mem::take(&mut self.staged);
-        let now = self.now;
-        let state = tokio::task::spawn_blocking(move || {
-            state.events.add(staged.batch);
-            state.after_user_writes(&staged.touched, now)?;
-            state.version += 1;
-            drop(staged.touched);
-            // The staging (8 bytes an event) is free now; do not keep the import's peak.
-            crate::memory::release_free_memory();
-            Ok::<_, EngineError>(state)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
-        self.state = Some(state);
-        Ok(())
-    }
-
-    /// Makes room for an import of `rows` users of which most may be new (a Parquet file says
-    /// its row count up front), so the key tables never rehash mid-import. Rows beyond the
-    /// dataset's current size are reserved, so re-importing a dataset reserves nothing.
-    pub fn reserve(&mut self, rows: u64) {
-        if let Some(state) = self.state.as_mut() {
-            let rows = usize::try_from(rows).unwrap_or(usize::MAX);
-            state.keys.reserve(rows.saturating_sub(state.keys.len()));
-        }
-    }
-
-    /// Users created and updated so far.
-    pub fn outcome(&self) -> ChangeOutcome {
-        self.outcome
-    }
-
-    /// Publishes everything applied.
-    ///
-    /// # Errors
-    /// An import whose last batch failed, or whose new dataset was created by another write
-    /// meanwhile (then nothing is published and the caller may retry).
-    pub fn commit(mut self) -> Result<ChangeOutcome> {
-        if !self.staged.batch.is_empty() || !self.staged.touched.is_empty() {
-            return Err(EngineError::Internal(
-                "import committed with unsettled events".into(),
-            ));
-        }
-        let mut state = self
-            .state
-            .take()
-            .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
-        state.net_transitions(&self.handle.current());
-        self.handle.publish(state, self.bounds);
-        if let Some(name) = &self.pending {
-            register(&self.registry, name, &self.handle)?;
-        }
-        Ok(self.outcome)
-    }
 }

@@ -17,6 +17,7 @@ use crate::index::events::EventStore;
 use crate::index::keys::DenseId;
 use crate::index::membership::MembershipIndex;
 use crate::index::{Attribute, AttributeKind, Bitmap, KeyDictionary};
+use crate::persist::Position;
 use crate::time::{parse_rfc3339, Millis};
 
 /// A saved segment and its materialized members.
@@ -50,6 +51,9 @@ pub struct DatasetState {
     pub time_refreshed_at: Option<Millis>,
     /// Bumped by every applied change; names this version.
     pub version: u64,
+    /// The log record this version is the result of ([`Position::START`] in memory only), so
+    /// that replay after a snapshot skips what the snapshot holds.
+    pub log_position: Position,
     /// Membership changes made by the change being applied, in order; the engine takes them
     /// (leaving this empty) before it publishes the version, to feed watchers.
     pub transitions: Vec<SegmentTransition>,

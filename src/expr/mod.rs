@@ -15,7 +15,7 @@ pub mod print;
 pub use parse::{parse, parse_with_limit, ParseError, DEFAULT_MAX_DEPTH};
 
 /// A boolean expression over one dataset's users.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Expr {
     /// All children hold. Never empty once parsed.
     And(Vec<Expr>),
@@ -28,7 +28,7 @@ pub enum Expr {
 }
 
 /// A leaf test on one attribute, one saved segment or (later) one event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Predicate {
     /// `attr = lit`, or `attr != lit` when `negated`.
     Equals {
@@ -81,7 +81,7 @@ pub enum Predicate {
 }
 
 /// The time window of a DID predicate: always half-open, `[start, end)`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Window {
     /// `IN LAST 30d`: `[as_of - 30d, as_of)`.
     Last(Duration),
@@ -90,7 +90,7 @@ pub enum Window {
 }
 
 /// The operator of a [`Predicate::Compare`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CompareOp {
     Lt,
     Le,
@@ -111,7 +111,7 @@ impl CompareOp {
 }
 
 /// A constant written in an expression.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Literal {
     String(String),
     Int(i64),
@@ -120,7 +120,7 @@ pub enum Literal {
 }
 
 /// The right-hand side of a comparison: a constant or a time relative to the request's `as_of`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Literal(Literal),
     /// `NOW`, `NOW - 30d`, `NOW + 12h`: `as_of` shifted by `offset` (which may be absent).
@@ -130,7 +130,7 @@ pub enum Value {
 }
 
 /// `- 30d` or `+ 12h` after `NOW`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SignedDuration {
     /// True for `NOW - d`.
     pub negative: bool,
@@ -138,14 +138,14 @@ pub struct SignedDuration {
 }
 
 /// A duration as written (`30d`, `12h`, `90m`); the unit is kept so that text round-trips.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Duration {
     pub amount: u64,
     pub unit: DurationUnit,
 }
 
 /// The unit of a [`Duration`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DurationUnit {
     Days,
     Hours,

@@ -101,7 +101,7 @@ struct ImportRun {
 
 impl ImportRun {
     async fn start(
-        engine: &Engine,
+        engine: &Arc<Engine>,
         dataset: &str,
         kind: ImportKind,
         rows_total: u64,
@@ -156,7 +156,7 @@ impl ImportRun {
     async fn finish(mut self) -> Result<(), Status> {
         self.import.settle().await.map_err(|e| to_status(e, ""))?;
         let last = self.report(true);
-        self.import.commit().map_err(|e| to_status(e, ""))?;
+        self.import.commit().await.map_err(|e| to_status(e, ""))?;
         tracing::info!(
             rows = last.rows_read,
             created = last.users_created,

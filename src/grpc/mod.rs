@@ -4,6 +4,7 @@
 //! Handlers stay thin: validate and convert the request, call the engine (CPU-heavy work on the
 //! blocking pool), convert the answer back. Errors become statuses only here ([`status`]).
 
+pub mod admin;
 pub mod convert;
 pub mod ingest;
 pub mod query;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
 
 use crate::engine::Engine;
 
@@ -65,6 +67,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The start-up load (recovery, demo data) failed; the server stopped.
+    #[error("start-up failed: {0}")]
+    Start(String),
 }
 
 /// Names of the services whose health is reported besides the server's (`""`).
@@ -74,6 +79,7 @@ const SERVICE_NAMES: &[&str] = &[
     "audience.v1.IngestService",
     "audience.v1.SchemaService",
     "audience.v1.WatchService",
+    "audience.v1.AdminService",
 ];
 
 async fn set_all(
@@ -89,14 +95,15 @@ async fn set_all(
 /// Serves every service on `listener` until `shutdown` completes.
 ///
 /// Health starts NOT_SERVING; when `ready` completes (after any start-up load) it turns
-/// SERVING. On shutdown health turns NOT_SERVING first, then in-flight requests finish.
+/// SERVING, or, when `ready` fails, the server stops with its error. On shutdown health turns
+/// NOT_SERVING first, then in-flight requests finish.
 ///
 /// # Errors
 /// A transport failure, or a descriptor set reflection cannot read.
 pub async fn serve(
     services: Services,
     listener: TcpListener,
-    ready: impl Future<Output = ()> + Send + 'static,
+    ready: impl Future<Output = Result<(), String>> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -106,6 +113,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let limit = services.max_message_bytes;
+    let gate = ready_gate(services.engine.clone());
     let query = pb::query_service_server::QueryServiceServer::new(query::QueryApi::new(&services))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -121,6 +129,9 @@ pub async fn serve(
         pb::schema_service_server::SchemaServiceServer::new(schema::SchemaApi::new(&services))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
+    let admin = pb::admin_service_server::AdminServiceServer::new(admin::AdminApi::new(&services))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     // Watch streams never end by themselves: they end when this turns true at shutdown, so
     // that in-flight requests can finish and the server stop.
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
@@ -133,13 +144,30 @@ pub async fn serve(
 
     let ticker = tokio::spawn(advance_time(services.engine.clone(), services.time_refresh));
     let ready_reporter = reporter.clone();
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
-        ready.await;
-        set_all(&ready_reporter, tonic_health::ServingStatus::Serving).await;
-        tracing::info!("serving");
+        match ready.await {
+            Ok(()) => {
+                set_all(&ready_reporter, tonic_health::ServingStatus::Serving).await;
+                tracing::info!("serving");
+            }
+            Err(error) => {
+                let _ = failed_tx.send(error);
+            }
+        }
     });
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let failed = failure.clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            Ok(error) = failed_rx => {
+                tracing::error!(%error, "start-up failed; stopping");
+                if let Ok(mut slot) = failed.lock() {
+                    *slot = Some(error);
+                }
+            }
+        }
         set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
         stopping.send_replace(true);
         tracing::info!("shutting down");
@@ -150,16 +178,32 @@ pub async fn serve(
         ))
         .add_service(health)
         .add_service(reflection)
-        .add_service(query)
-        .add_service(segments)
-        .add_service(ingest)
-        .add_service(schema)
-        .add_service(watch)
+        .add_service(InterceptedService::new(query, gate.clone()))
+        .add_service(InterceptedService::new(segments, gate.clone()))
+        .add_service(InterceptedService::new(ingest, gate.clone()))
+        .add_service(InterceptedService::new(schema, gate.clone()))
+        .add_service(InterceptedService::new(watch, gate.clone()))
+        .add_service(InterceptedService::new(admin, gate))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     ticker.abort();
     served?;
-    Ok(())
+    match failure.lock().ok().and_then(|mut f| f.take()) {
+        Some(error) => Err(ServeError::Start(error)),
+        None => Ok(()),
+    }
+}
+
+/// Refuses every dataset request with `UNAVAILABLE: loading: N of M` while the engine loads
+/// (recovery, demo data), so that no caller gets an answer from half a dataset. Health and
+/// reflection are not gated.
+fn ready_gate(
+    engine: Arc<Engine>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request| match engine.check_ready() {
+        Ok(()) => Ok(request),
+        Err(error) => Err(Status::unavailable(error.to_string())),
+    }
 }
 
 /// Brings time-windowed segments up to date every `period`, for as long as the server runs.

@@ -43,7 +43,22 @@ pub fn code_of(error: &EngineError) -> Code {
         EngineError::ImportIo(e) if e.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
         EngineError::ImportIo(_) => Code::FailedPrecondition,
         EngineError::ConcurrentCreate(_) => Code::Aborted,
+        EngineError::Loading { .. } => Code::Unavailable,
+        EngineError::Storage(error) => storage_code(error),
         EngineError::Internal(_) => Code::Internal,
+    }
+}
+
+/// Storage that cannot take a write now is a retryable outage; damaged storage is internal.
+fn storage_code(error: &crate::persist::PersistError) -> Code {
+    use crate::persist::PersistError;
+    match error {
+        PersistError::Unavailable(_) | PersistError::Closed | PersistError::Conflict => {
+            Code::Unavailable
+        }
+        PersistError::Io { .. } | PersistError::Corrupt { .. } | PersistError::Format(_) => {
+            Code::Internal
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::keys::DenseId;
 use super::numeric::NumericColumn;
 
 /// What kind of values an attribute holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum AttributeKind {
     /// One string value per user.
     Categorical,
@@ -226,6 +226,29 @@ impl Categorical {
             .filter(|(_, users)| !users.is_empty())
     }
 
+    /// Every dictionary value in code order with its users (empty where it has none): the form
+    /// a snapshot stores, which keeps every code as it was.
+    pub fn value_bitmaps(&self) -> Vec<(&str, Arc<Bitmap>)> {
+        value_bitmaps(&self.dictionary, &self.bitmaps)
+    }
+
+    /// The attribute [`Categorical::value_bitmaps`] describes.
+    pub fn from_value_bitmaps(parts: Vec<(String, Bitmap)>) -> Self {
+        let mut attribute = Categorical::default();
+        let mut writes = Vec::new();
+        for (value, users) in parts {
+            let code = attribute.dictionary.intern(&value);
+            writes.extend(users.iter().map(|id| (id, code)));
+            attribute.bitmaps.push(Arc::new(users));
+        }
+        writes.sort_unstable_by_key(|&(id, _)| id);
+        attribute.codes.set_many(&writes);
+        attribute.present = Arc::new(super::bitmap::union_all(
+            attribute.bitmaps.iter().map(|b| &**b),
+        ));
+        attribute
+    }
+
     fn heap_bytes(&self) -> usize {
         bitmaps_bytes(&self.bitmaps) + self.codes.heap_bytes() + self.present.serialized_size()
     }
@@ -367,9 +390,41 @@ impl SetAttribute {
             .filter(|(_, users)| !users.is_empty())
     }
 
+    /// Every dictionary value in code order with its users, as [`Categorical::value_bitmaps`].
+    pub fn value_bitmaps(&self) -> Vec<(&str, Arc<Bitmap>)> {
+        value_bitmaps(&self.dictionary, &self.bitmaps)
+    }
+
+    /// The attribute [`SetAttribute::value_bitmaps`] describes.
+    pub fn from_value_bitmaps(parts: Vec<(String, Bitmap)>) -> Self {
+        let mut attribute = SetAttribute::default();
+        for (value, users) in parts {
+            attribute.dictionary.intern(&value);
+            attribute.bitmaps.push(Arc::new(users));
+        }
+        attribute.present = Arc::new(super::bitmap::union_all(
+            attribute.bitmaps.iter().map(|b| &**b),
+        ));
+        attribute
+    }
+
     fn heap_bytes(&self) -> usize {
         bitmaps_bytes(&self.bitmaps) + self.present.serialized_size()
     }
+}
+
+/// Each code's users in code order, empty for a code no user holds.
+fn value_bitmaps<'a>(
+    dictionary: &'a ValueDictionary,
+    bitmaps: &[Arc<Bitmap>],
+) -> Vec<(&'a str, Arc<Bitmap>)> {
+    dictionary
+        .iter()
+        .map(|(code, value)| {
+            let users = bitmaps.get(code as usize).cloned().unwrap_or_default();
+            (value, users)
+        })
+        .collect()
 }
 
 /// A boolean attribute: the users holding `true` and those holding `false`.

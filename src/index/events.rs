@@ -85,6 +85,44 @@ impl DayBucket {
         Self { ids, ends, times }
     }
 
+    /// The bucket's columns: users ascending, where each user's run ends, and the time
+    /// offsets (the layout a snapshot stores).
+    pub fn columns(&self) -> (&[DenseId], &[u32], &[u32]) {
+        (&self.ids, &self.ends, &self.times)
+    }
+
+    /// A bucket from its [`DayBucket::columns`], checked.
+    ///
+    /// # Errors
+    /// Columns that break the layout: users not ascending, runs empty or out of order, times
+    /// outside the day or unsorted within a run.
+    pub fn from_columns(
+        ids: Vec<DenseId>,
+        ends: Vec<u32>,
+        times: Vec<u32>,
+    ) -> Result<Self, String> {
+        if ids.len() != ends.len() || ids.is_empty() {
+            return Err(format!("{} users with {} run ends", ids.len(), ends.len()));
+        }
+        if ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("users are not ascending".into());
+        }
+        if ends.last().map(|&e| e as usize) != Some(times.len())
+            || ends.first() == Some(&0)
+            || ends.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err("run ends do not cover the times in order".into());
+        }
+        let bucket = Self { ids, ends, times };
+        let day = DAY_MS as u32;
+        let sorted = (0..bucket.ids.len()).all(|i| bucket.run(i).windows(2).all(|w| w[0] <= w[1]))
+            && bucket.times.iter().all(|&t| t < day);
+        if !sorted {
+            return Err("times are unsorted within a run or outside the day".into());
+        }
+        Ok(bucket)
+    }
+
     /// Every event, packed and sorted.
     fn packed(&self) -> Vec<PackedEvent> {
         let mut out = Vec::with_capacity(self.times.len());
@@ -530,6 +568,42 @@ impl EventStore {
     /// The first instant still retained.
     pub fn cutoff(&self) -> Millis {
         self.cutoff
+    }
+
+    /// Every `(name, day, bucket)`, by name and day.
+    pub fn buckets(&self) -> impl Iterator<Item = (&str, i64, &DayBucket)> {
+        self.series.iter().flat_map(|(name, series)| {
+            series
+                .days
+                .iter()
+                .map(move |(&day, bucket)| (name.as_str(), day, &**bucket))
+        })
+    }
+
+    /// A store holding these buckets (as [`EventStore::buckets`] gave them) and cutoff, with
+    /// the frequent-user tiers built anew.
+    pub fn from_buckets(
+        cutoff: Millis,
+        tier: TierParams,
+        buckets: BTreeMap<String, BTreeMap<i64, DayBucket>>,
+    ) -> Self {
+        let mut store = Self::with_tier(tier);
+        store.cutoff = cutoff;
+        for (name, days) in buckets {
+            let mut series = EventSeries::default();
+            for (day, bucket) in days {
+                series.events += bucket.times.len() as u64;
+                series.days.insert(day, Arc::new(bucket));
+            }
+            series.rebuild_tier(tier);
+            store.series.insert(name, Arc::new(series));
+        }
+        store
+    }
+
+    /// When names get a frequent-user tier.
+    pub fn tier_params(&self) -> TierParams {
+        self.tier
     }
 
     /// One event name's series.

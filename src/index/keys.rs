@@ -29,6 +29,8 @@ pub enum KeyError {
     TooLong(usize),
     #[error("the dataset is full: {0} user ids have been assigned")]
     Exhausted(u64),
+    #[error("user id '{0}' is stored twice")]
+    Duplicate(String),
 }
 
 /// Checks an external id before it is used anywhere.
@@ -139,6 +141,30 @@ impl KeyDictionary {
         });
         self.mapped += 1;
         Ok((id, true))
+    }
+
+    /// A dictionary with one slot per dense id, in id order: `Some(key)` for a live user,
+    /// `None` for a deleted id (whose bytes are not kept), so that every id stays what it was.
+    ///
+    /// # Errors
+    /// An invalid or repeated key.
+    pub fn restore<'a>(
+        slots: impl IntoIterator<Item = Option<&'a str>>,
+        live: usize,
+    ) -> Result<Self, KeyError> {
+        let mut keys = Self::default();
+        keys.reserve(live);
+        for slot in slots {
+            match slot {
+                Some(key) => {
+                    if !keys.get_or_insert(key)?.1 {
+                        return Err(KeyError::Duplicate(key.to_owned()));
+                    }
+                }
+                None => keys.append(""),
+            }
+        }
+        Ok(keys)
     }
 
     /// Forgets a key so that it can come back later as a new user. Returns its old id.

@@ -85,6 +85,22 @@ impl MembershipIndex {
         slot
     }
 
+    /// An index with these slots taken (`None`: free), as [`MembershipIndex::slots`] gave
+    /// them, and no members yet: a snapshot restores slots exactly, then each segment's members.
+    pub fn with_slots(slots: &[Option<&str>]) -> Self {
+        Self {
+            slots: slots.iter().map(|s| s.map(Arc::from)).collect(),
+            groups: (0..slots.len().div_ceil(64))
+                .map(|_| Group::default())
+                .collect(),
+        }
+    }
+
+    /// Slot → segment id, `None` for a free slot.
+    pub fn slots(&self) -> impl Iterator<Item = Option<&str>> {
+        self.slots.iter().map(|s| s.as_deref())
+    }
+
     /// Frees a segment's slot, clearing the bits of its `members`.
     pub fn remove_segment(&mut self, slot: usize, members: &Bitmap) {
         if self.slots.get(slot).is_some_and(Option::is_some) {

@@ -181,6 +181,19 @@ impl<T: NumericValue> NumericColumn<T> {
         &self.present
     }
 
+    /// Every `(user, value)`, by user.
+    pub fn rows(&self) -> impl Iterator<Item = (DenseId, T)> + '_ {
+        self.present.iter().map(|id| (id, self.values.get(id)))
+    }
+
+    /// A column holding `rows` (each user at most once), its index built once.
+    pub fn from_rows(rows: &[(DenseId, Option<T>)]) -> Self {
+        let mut column = Self::default();
+        column.set_many(rows);
+        column.rebalance();
+        column
+    }
+
     /// Sets one user's value, replacing any previous one.
     pub fn set(&mut self, id: DenseId, value: T) {
         self.set_many(&[(id, Some(value))]);

@@ -169,6 +169,7 @@ impl TestServer {
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let ready = async move {
             let _ = ready_rx.await;
+            Ok(())
         };
         let shutdown = async move {
             let _ = shutdown_rx.await;
@@ -290,7 +291,7 @@ impl Drop for TestServer {
 
 /// Loads `n` demo users (seed `seed`) into `dataset` through the engine in batches of `batch_rows`.
 pub async fn load_demo(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     dataset: &str,
     n: u64,
     batch_rows: usize,
@@ -306,7 +307,7 @@ pub async fn load_demo(
             .await
             .expect("apply demo batch");
     }
-    import.commit().expect("commit demo import")
+    import.commit().await.expect("commit demo import")
 }
 
 /// One demo user read straight from the generated Arrow batches: the tests' oracle.

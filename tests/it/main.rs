@@ -2,6 +2,7 @@
 //! and property tests of the engine against an independent row-by-row model.
 
 mod cli;
+mod durability;
 mod grpc_errors;
 mod grpc_events;
 mod grpc_ingest;

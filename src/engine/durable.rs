@@ -1,0 +1,506 @@
+//! Durability of the engine: every applied write is logged before the version it produced is
+//! published (so an acknowledged write survives a crash), snapshots of published versions are
+//! written while readers and writers go on, and a start recovers from the newest snapshot and
+//! the log records after it.
+//!
+//! A snapshot first rotates the log, so that every record before the new segment is in closed
+//! segments; it then takes each dataset's published version (waiting only for a write in flight
+//! on it), writes them, and deletes the closed segments and the older snapshot. Each dataset's
+//! files name the last record they hold, so that replay skips what they already contain.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::error::{EngineError, Result};
+use super::record::{self, LogRecord, RecordBody};
+use super::state::DatasetState;
+use super::{feed, snapshot, transaction, Dataset, Engine};
+use crate::persist::snapshot::{self as snapshot_dir, SnapshotWriter};
+use crate::persist::wal::{self, Wal, WalOptions};
+use crate::persist::{PersistError, Position};
+
+/// How the embedded store is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurableOptions {
+    /// Holds `wal/` and `snapshots/`.
+    pub data_dir: PathBuf,
+    pub wal: WalOptions,
+    /// A snapshot is written in the background once the log holds this many bytes.
+    pub snapshot_log_bytes: u64,
+    /// The longest a deleted user's bytes stay in the log or a snapshot: a snapshot is written
+    /// once the oldest delete it would cover is this old.
+    pub erasure_max_age: Duration,
+    /// Start from what is valid instead of refusing a corrupt log or snapshot.
+    pub repair: bool,
+}
+
+/// The engine's log and snapshots.
+#[derive(Debug)]
+pub(super) struct Journal {
+    wal: Wal,
+    options: DurableOptions,
+    /// One snapshot at a time.
+    snapshotting: tokio::sync::Mutex<()>,
+    /// When the oldest delete not yet in a snapshot was logged.
+    oldest_delete: Mutex<Option<Instant>>,
+    /// Snapshots written since the start, for tests and the log.
+    snapshots: AtomicU64,
+}
+
+/// What a start recovered.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// The snapshot loaded, if any.
+    pub snapshot: Option<PathBuf>,
+    pub datasets: usize,
+    /// Log records replayed after the snapshot.
+    pub records: u64,
+    /// What was dropped: a torn tail, and with repair, corrupt data.
+    pub dropped: Vec<String>,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    pub path: PathBuf,
+    pub datasets: usize,
+    /// Bytes of the snapshot's files.
+    pub bytes: u64,
+    /// Log bytes deleted because the snapshot covers them.
+    pub log_bytes_freed: u64,
+    pub seconds: f64,
+}
+
+/// How far a start has come, for `UNAVAILABLE: loading: N of M` and health.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    /// Zero once the engine is ready.
+    total: AtomicU64,
+    done: AtomicU64,
+}
+
+impl LoadProgress {
+    /// Marks the start of a load of `total` steps (at least one).
+    pub fn begin(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total.max(1), Ordering::Release);
+    }
+
+    pub fn advance(&self, done: u64) {
+        self.done.store(done, Ordering::Relaxed);
+    }
+
+    /// The engine answers requests.
+    pub fn finish(&self) {
+        self.total.store(0, Ordering::Release);
+    }
+
+    /// `(done, total)` while loading.
+    pub fn loading(&self) -> Option<(u64, u64)> {
+        match self.total.load(Ordering::Acquire) {
+            0 => None,
+            total => Some((self.done.load(Ordering::Relaxed).min(total), total)),
+        }
+    }
+}
+
+impl Engine {
+    /// Refuses requests while the engine loads.
+    ///
+    /// # Errors
+    /// [`EngineError::Loading`] until the load finishes.
+    pub fn check_ready(&self) -> Result<()> {
+        match self.progress.loading() {
+            Some((done, total)) => Err(EngineError::Loading { done, total }),
+            None => Ok(()),
+        }
+    }
+
+    /// The start-up load's progress (recovery, demo data).
+    pub fn progress(&self) -> &LoadProgress {
+        &self.progress
+    }
+
+    /// Whether writes are logged.
+    pub fn is_durable(&self) -> bool {
+        self.journal.get().is_some()
+    }
+
+    /// Logs a record and returns its position once it is durable; a no-op in memory.
+    ///
+    /// # Errors
+    /// The log cannot be written: the write must not be published.
+    pub(super) async fn log(&self, record: LogRecord) -> Result<Position> {
+        let Some(journal) = self.journal.get() else {
+            return Ok(Position::START);
+        };
+        let is_delete = matches!(
+            record.body,
+            RecordBody::Change(super::Change::DeleteUsers(_))
+        );
+        let bytes = tokio::task::spawn_blocking(move || record::encode(&record))
+            .await
+            .map_err(|e| EngineError::Internal(format!("log encoding failed: {e}")))??;
+        self.log_bytes(journal, bytes, is_delete).await
+    }
+
+    /// Appends encoded bytes; see [`Engine::log`].
+    pub(super) async fn log_bytes(
+        &self,
+        journal: &Journal,
+        bytes: Vec<u8>,
+        is_delete: bool,
+    ) -> Result<Position> {
+        let position = journal.wal.append(bytes).await?;
+        if is_delete {
+            if let Ok(mut oldest) = journal.oldest_delete.lock() {
+                oldest.get_or_insert_with(Instant::now);
+            }
+        }
+        Ok(position)
+    }
+
+    /// The journal, when durable.
+    pub(super) fn journal(&self) -> Option<&Journal> {
+        self.journal.get().map(|j| &**j)
+    }
+
+    /// Recovers every dataset from `options.data_dir` (newest snapshot, then the log after it),
+    /// then logs every later write there and snapshots in the background. Requests are refused
+    /// with `loading: N of M` meanwhile.
+    ///
+    /// # Errors
+    /// A corrupt snapshot or log (named, with the byte offset) unless `options.repair`; an
+    /// unusable directory; an engine that is durable already.
+    pub async fn open_durable(self: &Arc<Self>, options: DurableOptions) -> Result<RecoveryReport> {
+        let started = Instant::now();
+        // A caller that marked the engine loading (the server) ends the load itself.
+        let was_loading = self.progress.loading().is_some();
+        let engine = self.clone();
+        let opts = options.clone();
+        let (states, report, next_seq) =
+            tokio::task::spawn_blocking(move || recover(&opts, &engine.progress))
+                .await
+                .map_err(|e| EngineError::Internal(format!("recovery failed: {e}")))??;
+        let wal = Wal::open(&options.data_dir.join("wal"), next_seq, options.wal)?;
+        let journal = Arc::new(Journal {
+            wal,
+            options,
+            snapshotting: tokio::sync::Mutex::new(()),
+            oldest_delete: Mutex::new(None),
+            snapshots: AtomicU64::new(0),
+        });
+        self.install(states)?;
+        if self.journal.set(journal).is_err() {
+            return Err(EngineError::Internal(
+                "the engine is durable already".into(),
+            ));
+        }
+        tokio::spawn(snapshot_when_due(Arc::downgrade(self)));
+        if !was_loading {
+            self.progress.finish();
+        }
+        tracing::info!(
+            datasets = report.datasets,
+            records = report.records,
+            snapshot = ?report.snapshot,
+            seconds = started.elapsed().as_secs_f64(),
+            "recovered"
+        );
+        Ok(report)
+    }
+
+    /// Publishes recovered versions as the engine's datasets.
+    fn install(&self, states: BTreeMap<String, DatasetState>) -> Result<()> {
+        let mut map = self
+            .datasets
+            .write()
+            .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
+        for (name, mut state) in states {
+            state.transitions.clear();
+            let handle = Arc::new(Dataset::default());
+            handle.publish(state, feed::FeedBounds::from(&self.limits));
+            map.insert(name, handle);
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot of every dataset now and deletes the log it covers; `progress` hears
+    /// `(datasets written, datasets, name)`. With `only`, that dataset is written afresh and the
+    /// others are carried over from the previous snapshot, so no log is freed.
+    ///
+    /// # Errors
+    /// An engine that keeps nothing on disk, an unknown `only`, or a snapshot that cannot be
+    /// written (the previous one then stays, with the log).
+    pub async fn write_snapshot(
+        &self,
+        only: Option<&str>,
+        progress: impl Fn(usize, usize, &str) + Send + 'static,
+    ) -> Result<SnapshotReport> {
+        let journal = self
+            .journal
+            .get()
+            .ok_or_else(|| EngineError::InvalidArgument {
+                field: "data_dir",
+                reason: "the server keeps its data in memory only: start it with --data-dir".into(),
+            })?;
+        if let Some(name) = only {
+            self.dataset(name)?;
+        }
+        let _one = journal.snapshotting.lock().await;
+        let started = Instant::now();
+        let root = snapshot_dir::root_of(&journal.options.data_dir);
+        let previous = match only {
+            Some(_) => snapshot_dir::latest(&root)?,
+            None => None,
+        };
+        let full = previous.is_none();
+        let covered_deletes = match full {
+            true => journal.oldest_delete.lock().ok().and_then(|mut o| o.take()),
+            false => None,
+        };
+        let log_from = match &previous {
+            Some(previous) => previous.manifest.log_from,
+            None => journal.wal.rotate().await?,
+        };
+        let mut versions = Vec::new();
+        for name in self.dataset_names() {
+            let carried = previous.as_ref().and_then(|p| {
+                let entry = p.manifest.datasets.iter().find(|d| d.name == name)?;
+                (Some(name.as_str()) != only).then(|| entry.clone())
+            });
+            if let Some(entry) = carried {
+                versions.push((name, Version::Carried(entry)));
+                continue;
+            }
+            let handle = self.dataset(&name)?;
+            // A write in flight has logged its record but not yet published its version.
+            let _writer = handle.writer.lock().await;
+            versions.push((name, Version::Fresh(handle.current())));
+        }
+        let created_at = self.now();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut writer = SnapshotWriter::begin(&root, log_from, created_at)?;
+            let total = versions.len();
+            for (index, (name, version)) in versions.iter().enumerate() {
+                match (version, &previous) {
+                    (Version::Carried(entry), Some(previous)) => {
+                        writer.carry_dataset(previous, entry)?
+                    }
+                    (Version::Carried(_), None) => {
+                        return Err(EngineError::Internal("no snapshot to carry from".into()))
+                    }
+                    (Version::Fresh(state), _) => {
+                        let files = snapshot::to_files(state).map_err(|e| {
+                            EngineError::Internal(format!("snapshot of dataset '{name}': {e}"))
+                        })?;
+                        writer.add_dataset(name, state.log_position, &files)?;
+                    }
+                }
+                progress(index + 1, total, name);
+            }
+            Ok::<_, EngineError>((writer.finish()?, total))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("snapshot task failed: {e}")));
+        let ((path, bytes), datasets) = match written {
+            Ok(Ok(written)) => written,
+            Ok(Err(error)) | Err(error) => {
+                if let (Some(at), Ok(mut oldest)) = (covered_deletes, journal.oldest_delete.lock())
+                {
+                    let earliest = oldest.map_or(at, |o| o.min(at));
+                    *oldest = Some(earliest);
+                }
+                return Err(error);
+            }
+        };
+        let log_bytes_freed = match full {
+            true => journal.wal.remove_before(log_from)?,
+            false => 0,
+        };
+        journal.snapshots.fetch_add(1, Ordering::Relaxed);
+        let report = SnapshotReport {
+            path,
+            datasets,
+            bytes,
+            log_bytes_freed,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            path = %report.path.display(),
+            datasets,
+            bytes,
+            log_bytes_freed,
+            seconds = report.seconds,
+            "snapshot written"
+        );
+        Ok(report)
+    }
+
+    /// Why a snapshot is due now, if one is.
+    fn snapshot_due(&self) -> Option<&'static str> {
+        let journal = self.journal.get()?;
+        if journal.wal.bytes() >= journal.options.snapshot_log_bytes {
+            return Some("the log grew past snapshot_log_bytes");
+        }
+        let oldest = journal.oldest_delete.lock().ok().and_then(|o| *o)?;
+        (oldest.elapsed() >= journal.options.erasure_max_age)
+            .then_some("deleted users reached erasure_max_age")
+    }
+
+    /// Bytes of the log on disk, and snapshots written since the start.
+    pub fn log_stats(&self) -> Option<(u64, u64)> {
+        let journal = self.journal.get()?;
+        Some((
+            journal.wal.bytes(),
+            journal.snapshots.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+/// A dataset's part of a snapshot.
+enum Version {
+    /// Written from the published version.
+    Fresh(Arc<DatasetState>),
+    /// Carried over from the previous snapshot.
+    Carried(snapshot_dir::DatasetEntry),
+}
+
+/// Writes a snapshot whenever one is due, for as long as the engine lives.
+async fn snapshot_when_due(engine: Weak<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let Some(reason) = engine.snapshot_due() else {
+            continue;
+        };
+        let span = tracing::info_span!("snapshot", reason);
+        let written =
+            tracing::Instrument::instrument(engine.write_snapshot(None, |_, _, _| {}), span).await;
+        if let Err(error) = written {
+            tracing::error!(%error, "background snapshot failed; retrying in a minute");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+    }
+}
+
+/// Loads the newest snapshot and replays the log after it.
+fn recover(
+    options: &DurableOptions,
+    progress: &LoadProgress,
+) -> Result<(BTreeMap<String, DatasetState>, RecoveryReport, u64)> {
+    let mut report = RecoveryReport::default();
+    let mut states = BTreeMap::new();
+    let mut dropped_datasets = BTreeSet::new();
+    let mut log_from = 1;
+    let root = snapshot_dir::root_of(&options.data_dir);
+    let found = match snapshot_dir::latest(&root) {
+        Err(error) if options.repair => {
+            let message = format!("{error}; the snapshot is ignored, and with it what it held");
+            tracing::warn!("{message}");
+            report.dropped.push(message);
+            None
+        }
+        other => other?,
+    };
+    if let Some(found) = &found {
+        log_from = found.manifest.log_from;
+        let total = found.manifest.datasets.len() as u64;
+        progress.begin(total + 1);
+        for (index, entry) in found.manifest.datasets.iter().enumerate() {
+            match load_dataset(found, entry) {
+                Ok(mut state) => {
+                    state.log_position = entry.position;
+                    states.insert(entry.name.clone(), state);
+                }
+                Err(error) if options.repair => {
+                    let message = format!(
+                        "{error}; dataset '{}' is dropped, with its log records",
+                        entry.name
+                    );
+                    tracing::warn!("{message}");
+                    report.dropped.push(message);
+                    dropped_datasets.insert(entry.name.clone());
+                }
+                Err(error) => return Err(error),
+            }
+            progress.advance(index as u64 + 1);
+        }
+        report.snapshot = Some(found.dir.clone());
+    } else {
+        progress.begin(1);
+    }
+    let wal_dir = options.data_dir.join("wal");
+    let recovered = wal::recover(&wal_dir, options.repair, |seq, bytes| {
+        let record = record::decode(bytes)?;
+        if dropped_datasets.contains(&record.dataset) {
+            return Ok(());
+        }
+        let state = states.entry(record.dataset.clone()).or_default();
+        if seq <= state.log_position.major {
+            return Ok(());
+        }
+        replay(state, &record).map_err(|e| {
+            format!(
+                "record {seq} (dataset '{}') does not apply: {e}",
+                record.dataset
+            )
+        })?;
+        state.log_position = Position::seq(seq);
+        report.records += 1;
+        Ok(())
+    })?;
+    report.dropped.extend(recovered.dropped);
+    // A record can name a dataset whose every write failed to apply: none was created then.
+    states.retain(|_, state| state.version > 0 || state.log_position != Position::START);
+    report.datasets = states.len();
+    progress.advance(u64::MAX);
+    Ok((states, report, recovered.next_seq.max(log_from)))
+}
+
+fn load_dataset(
+    found: &snapshot_dir::Found,
+    entry: &snapshot_dir::DatasetEntry,
+) -> Result<DatasetState> {
+    let mut failure: Option<PersistError> = None;
+    let loaded = snapshot::from_files(|name| {
+        let file = entry
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| format!("{name} is not in the manifest"))?;
+        found.read(entry, file).map_err(|error| {
+            let message = error.to_string();
+            failure = Some(error);
+            message
+        })
+    });
+    match (loaded, failure) {
+        (Ok(state), _) => Ok(state),
+        (Err(_), Some(error)) => Err(error.into()),
+        (Err(message), None) => Err(PersistError::Format(format!(
+            "{}: {message}",
+            found.dir.join(&entry.name).display()
+        ))
+        .into()),
+    }
+}
+
+/// Applies one logged write to the version it was applied to.
+fn replay(state: &mut DatasetState, record: &LogRecord) -> Result<()> {
+    match &record.body {
+        RecordBody::Change(change) => {
+            state.apply(change, record.now)?;
+        }
+        RecordBody::Import(parts) => transaction::replay(state, record.now, parts)?,
+    }
+    state.transitions.clear();
+    Ok(())
+}

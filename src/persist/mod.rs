@@ -1,0 +1,137 @@
+//! Durable storage under the engine: a log of change records and snapshots of whole dataset
+//! versions, kept in a local directory or in Redis.
+//!
+//! This layer moves opaque bytes: it knows records, positions, files and checksums, never what a
+//! record or a snapshot file means (that is the engine's). The engine appends a record before it
+//! publishes the version the record produced, and recovers by loading the newest snapshot and
+//! applying the records after it.
+//!
+//! # Layout
+//! - [`frame`]: the checksummed framing shared by log segments and snapshot files.
+//! - [`wal`]: the embedded write-ahead log: segment files, group commit, fsync policy.
+//! - [`snapshot`]: snapshot directories: files, a manifest with checksums, atomic publication.
+//! - `redis` (next): the shared store of several replicas: a stream per dataset, chunked snapshots.
+
+pub mod frame;
+
+pub mod snapshot;
+pub mod wal;
+
+use std::path::PathBuf;
+
+/// Where a record sits in its log. Embedded logs number records from 1 (`major`, with
+/// `minor = 0`); Redis streams use their entry ids (`major-minor`). Ordered like the log.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Position {
+    pub major: u64,
+    pub minor: u64,
+}
+
+impl Position {
+    /// Before every record.
+    pub const START: Position = Position { major: 0, minor: 0 };
+
+    /// The position of the `n`-th record of an embedded log.
+    pub fn seq(n: u64) -> Self {
+        Self { major: n, minor: 0 }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.major, self.minor)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = PersistError;
+
+    /// Parses `major-minor` (a Redis stream id) or a bare `major`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || PersistError::Format(format!("'{text}' is not a log position"));
+        let (major, minor) = text.split_once('-').unwrap_or((text, "0"));
+        Ok(Self {
+            major: major.parse().map_err(|_| bad())?,
+            minor: minor.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Why storage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bytes that fail their checksum or do not parse, where a torn write cannot explain them.
+    #[error("{path}: corrupt at byte offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("storage format: {0}")]
+    Format(String),
+    /// The store cannot be reached now (Redis down); nothing was written.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A conditional append found another writer's record at the head (Redis mode).
+    #[error("the log moved on from the expected position")]
+    Conflict,
+    #[error("storage closed")]
+    Closed,
+}
+
+impl PersistError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PersistError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The layer's result type.
+pub type Result<T, E = PersistError> = std::result::Result<T, E>;
+
+/// When an appended record is forced to disk before its write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every write waits for its own fsync (shared with writes that arrive at the same time).
+    #[default]
+    Always,
+    /// Writes wait for the next group fsync, at most `fsync_interval_ms` away: fewer fsyncs
+    /// under many small writes, each write waiting up to the interval.
+    Interval,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "interval" => Ok(FsyncPolicy::Interval),
+            other => Err(format!(
+                "'{other}' is not an fsync policy: use always or interval"
+            )),
+        }
+    }
+}
