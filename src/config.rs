@@ -29,8 +29,10 @@ pub struct Config {
     /// Directory of the write-ahead log and snapshots; unset, everything is kept in memory
     /// only and lost at exit.
     pub data_dir: Option<PathBuf>,
-    /// Redis as the shared store of several replicas (refused until Redis mode lands).
+    /// Redis as the shared log and snapshot store of several replicas.
     pub redis_url: Option<String>,
+    /// Start of every Redis key, so that several deployments can share one Redis.
+    pub redis_prefix: String,
     /// When a logged write is forced to disk before it is acknowledged: `always` (each write
     /// waits for an fsync, shared with writes arriving at the same time) or `interval` (writes
     /// wait for a group fsync every `fsync_interval_ms`).
@@ -66,6 +68,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: None,
             redis_url: None,
+            redis_prefix: "audience".into(),
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: 10,
             wal_segment_bytes: 64 << 20,
@@ -141,8 +144,15 @@ impl Config {
                 "segment_refresh_secs must be positive",
             ),
             (
-                self.redis_url.is_none(),
-                "redis_url: Redis mode is not available in this build yet; use data_dir",
+                self.redis_url.is_none() || self.data_dir.is_none(),
+                "data_dir and redis_url: a local cache beside Redis is not supported yet; set one",
+            ),
+            (
+                !self.redis_prefix.is_empty()
+                    && !self
+                        .redis_prefix
+                        .contains(|c: char| c.is_whitespace() || "*?[]".contains(c)),
+                "redis_prefix must be non-empty, without spaces or glob characters (* ? [ ])",
             ),
             (
                 (1..=60_000).contains(&self.fsync_interval_ms),

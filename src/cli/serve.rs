@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, LogFormat};
-use crate::engine::{DurableOptions, Engine, ImportBatch, DEFAULT_DATASET};
+use crate::engine::{DurableOptions, Engine, ImportBatch, SharedOptions, DEFAULT_DATASET};
 use crate::grpc::{serve, Services};
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
@@ -23,9 +23,12 @@ pub struct ServeArgs {
     /// Data directory of the write-ahead log and snapshots (unset: memory only).
     #[arg(long, env = "AUDIENCE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Redis URL of the shared store (refused until Redis mode lands).
+    /// Redis URL of the shared log and snapshots of several replicas.
     #[arg(long, env = "AUDIENCE_REDIS_URL")]
     redis_url: Option<String>,
+    /// Start of every Redis key (several deployments can share one Redis).
+    #[arg(long, env = "AUDIENCE_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
     /// When a write is forced to disk before it is acknowledged: always or interval.
     #[arg(long, env = "AUDIENCE_FSYNC")]
     fsync: Option<crate::persist::FsyncPolicy>,
@@ -89,6 +92,9 @@ impl ServeArgs {
         if let Some(url) = &self.redis_url {
             config.redis_url = Some(url.clone());
         }
+        if let Some(prefix) = &self.redis_prefix {
+            config.redis_prefix = prefix.clone();
+        }
         if let Some(policy) = self.fsync {
             config.fsync = policy;
         }
@@ -141,7 +147,7 @@ fn init_logging(format: LogFormat) {
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let config = args.config()?;
     init_logging(config.log_format);
-    if config.data_dir.is_none() {
+    if config.data_dir.is_none() && config.redis_url.is_none() {
         tracing::warn!("no data_dir: data is kept in memory only and lost when the server stops");
     }
     let listener = TcpListener::bind(config.listen)
@@ -161,6 +167,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
     };
     let durable = durable_options(&config, args.recover_truncate);
+    let shared = shared_options(&config);
     let (demo_users, demo_events) = (config.demo_users, config.demo_events);
     let ready = async move {
         if let Some(options) = durable {
@@ -171,6 +178,12 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             for dropped in &report.dropped {
                 tracing::warn!(%dropped, "recovery dropped data");
             }
+        }
+        if let Some(options) = shared {
+            engine
+                .open_shared(options)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         // A dataset recovered from disk is not loaded again.
         let has_default = engine
@@ -199,6 +212,16 @@ fn durable_options(config: &Config, repair: bool) -> Option<DurableOptions> {
         snapshot_log_bytes: config.snapshot_log_bytes,
         erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
         repair,
+    })
+}
+
+/// Redis mode's settings, when a Redis URL is set.
+fn shared_options(config: &Config) -> Option<SharedOptions> {
+    Some(SharedOptions {
+        url: config.redis_url.clone()?,
+        prefix: config.redis_prefix.clone(),
+        snapshot_log_bytes: config.snapshot_log_bytes,
+        erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
     })
 }
 

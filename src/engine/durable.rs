@@ -40,14 +40,81 @@ pub struct DurableOptions {
 /// The engine's log and snapshots.
 #[derive(Debug)]
 pub(super) struct Journal {
-    wal: Wal,
-    options: DurableOptions,
+    pub(super) backend: Backend,
+    /// A snapshot is due once this many log bytes are not in one.
+    snapshot_log_bytes: u64,
+    erasure_max_age: Duration,
     /// One snapshot at a time.
     snapshotting: tokio::sync::Mutex<()>,
     /// When the oldest delete not yet in a snapshot was logged.
     oldest_delete: Mutex<Option<Instant>>,
     /// Snapshots written since the start, for tests and the log.
     snapshots: AtomicU64,
+}
+
+/// Where records and snapshots go.
+#[derive(Debug)]
+pub(super) enum Backend {
+    /// A data directory of this server.
+    Local { wal: Wal, data_dir: PathBuf },
+    /// Redis, shared with other replicas.
+    Shared(Box<super::replica::Shared>),
+}
+
+impl Journal {
+    pub(super) fn new(
+        backend: Backend,
+        snapshot_log_bytes: u64,
+        erasure_max_age: Duration,
+    ) -> Self {
+        Self {
+            backend,
+            snapshot_log_bytes,
+            erasure_max_age,
+            snapshotting: tokio::sync::Mutex::new(()),
+            oldest_delete: Mutex::new(None),
+            snapshots: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends a record of `dataset` whose version was `expected`; returns its position once
+    /// it is durable.
+    ///
+    /// # Errors
+    /// The store cannot take it ([`PersistError::Conflict`]: another replica wrote first).
+    async fn append(&self, dataset: &str, expected: Position, bytes: Vec<u8>) -> Result<Position> {
+        Ok(match &self.backend {
+            Backend::Local { wal, .. } => wal.append(bytes).await?,
+            Backend::Shared(shared) => shared.append(dataset, expected, bytes).await?,
+        })
+    }
+
+    /// Log bytes not yet in a snapshot.
+    fn unsnapshotted_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Local { wal, .. } => wal.bytes(),
+            Backend::Shared(shared) => shared.unsnapshotted_bytes(),
+        }
+    }
+
+    /// Remembers that a delete was logged now, unless an older one waits already.
+    fn note_delete(&self) {
+        if let Ok(mut oldest) = self.oldest_delete.lock() {
+            oldest.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Takes the oldest delete's time for a snapshot that covers it.
+    pub(super) fn take_oldest_delete(&self) -> Option<Instant> {
+        self.oldest_delete.lock().ok().and_then(|mut o| o.take())
+    }
+
+    /// Puts a delete's time back after a snapshot that would have covered it failed.
+    pub(super) fn restore_oldest_delete(&self, at: Option<Instant>) {
+        if let (Some(at), Ok(mut oldest)) = (at, self.oldest_delete.lock()) {
+            *oldest = Some(oldest.map_or(at, |o| o.min(at)));
+        }
+    }
 }
 
 /// What a start recovered.
@@ -129,36 +196,40 @@ impl Engine {
         self.journal.get().is_some()
     }
 
-    /// Logs a record and returns its position once it is durable; a no-op in memory.
+    /// Logs a record of a version that followed `expected` and returns its position once it
+    /// is durable; a no-op in memory.
     ///
     /// # Errors
     /// The log cannot be written: the write must not be published.
-    pub(super) async fn log(&self, record: LogRecord) -> Result<Position> {
-        let Some(journal) = self.journal.get() else {
+    pub(super) async fn log(&self, record: &LogRecord, expected: Position) -> Result<Position> {
+        let Some(journal) = self.journal() else {
             return Ok(Position::START);
         };
         let is_delete = matches!(
             record.body,
             RecordBody::Change(super::Change::DeleteUsers(_))
         );
-        let bytes = tokio::task::spawn_blocking(move || record::encode(&record))
+        let dataset = record.dataset.clone();
+        let owned = record.clone();
+        let bytes = tokio::task::spawn_blocking(move || record::encode(&owned))
             .await
             .map_err(|e| EngineError::Internal(format!("log encoding failed: {e}")))??;
-        self.log_bytes(journal, bytes, is_delete).await
+        self.log_bytes(journal, &dataset, expected, bytes, is_delete)
+            .await
     }
 
     /// Appends encoded bytes; see [`Engine::log`].
     pub(super) async fn log_bytes(
         &self,
         journal: &Journal,
+        dataset: &str,
+        expected: Position,
         bytes: Vec<u8>,
         is_delete: bool,
     ) -> Result<Position> {
-        let position = journal.wal.append(bytes).await?;
+        let position = journal.append(dataset, expected, bytes).await?;
         if is_delete {
-            if let Ok(mut oldest) = journal.oldest_delete.lock() {
-                oldest.get_or_insert_with(Instant::now);
-            }
+            journal.note_delete();
         }
         Ok(position)
     }
@@ -186,13 +257,15 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Internal(format!("recovery failed: {e}")))??;
         let wal = Wal::open(&options.data_dir.join("wal"), next_seq, options.wal)?;
-        let journal = Arc::new(Journal {
+        let backend = Backend::Local {
             wal,
-            options,
-            snapshotting: tokio::sync::Mutex::new(()),
-            oldest_delete: Mutex::new(None),
-            snapshots: AtomicU64::new(0),
-        });
+            data_dir: options.data_dir.clone(),
+        };
+        let journal = Arc::new(Journal::new(
+            backend,
+            options.snapshot_log_bytes,
+            options.erasure_max_age,
+        ));
         self.install(states)?;
         if self.journal.set(journal).is_err() {
             return Err(EngineError::Internal(
@@ -214,7 +287,7 @@ impl Engine {
     }
 
     /// Publishes recovered versions as the engine's datasets.
-    fn install(&self, states: BTreeMap<String, DatasetState>) -> Result<()> {
+    pub(super) fn install(&self, states: BTreeMap<String, DatasetState>) -> Result<()> {
         let mut map = self
             .datasets
             .write()
@@ -240,31 +313,36 @@ impl Engine {
         only: Option<&str>,
         progress: impl Fn(usize, usize, &str) + Send + 'static,
     ) -> Result<SnapshotReport> {
-        let journal = self
-            .journal
-            .get()
-            .ok_or_else(|| EngineError::InvalidArgument {
-                field: "data_dir",
-                reason: "the server keeps its data in memory only: start it with --data-dir".into(),
-            })?;
+        let journal = self.journal().ok_or_else(|| EngineError::InvalidArgument {
+            field: "data_dir",
+            reason: "the server keeps its data in memory only: start it with --data-dir".into(),
+        })?;
         if let Some(name) = only {
             self.dataset(name)?;
         }
         let _one = journal.snapshotting.lock().await;
         let started = Instant::now();
-        let root = snapshot_dir::root_of(&journal.options.data_dir);
+        let (wal, data_dir) = match &journal.backend {
+            Backend::Local { wal, data_dir } => (wal, data_dir),
+            Backend::Shared(shared) => {
+                return self
+                    .snapshot_shared(journal, shared, only, progress, started)
+                    .await
+            }
+        };
+        let root = snapshot_dir::root_of(data_dir);
         let previous = match only {
             Some(_) => snapshot_dir::latest(&root)?,
             None => None,
         };
         let full = previous.is_none();
         let covered_deletes = match full {
-            true => journal.oldest_delete.lock().ok().and_then(|mut o| o.take()),
+            true => journal.take_oldest_delete(),
             false => None,
         };
         let log_from = match &previous {
             Some(previous) => previous.manifest.log_from,
-            None => journal.wal.rotate().await?,
+            None => wal.rotate().await?,
         };
         let mut versions = Vec::new();
         for name in self.dataset_names() {
@@ -309,19 +387,15 @@ impl Engine {
         let ((path, bytes), datasets) = match written {
             Ok(Ok(written)) => written,
             Ok(Err(error)) | Err(error) => {
-                if let (Some(at), Ok(mut oldest)) = (covered_deletes, journal.oldest_delete.lock())
-                {
-                    let earliest = oldest.map_or(at, |o| o.min(at));
-                    *oldest = Some(earliest);
-                }
+                journal.restore_oldest_delete(covered_deletes);
                 return Err(error);
             }
         };
         let log_bytes_freed = match full {
-            true => journal.wal.remove_before(log_from)?,
+            true => wal.remove_before(log_from)?,
             false => 0,
         };
-        journal.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.snapshot_written(journal);
         let report = SnapshotReport {
             path,
             datasets,
@@ -342,22 +416,27 @@ impl Engine {
 
     /// Why a snapshot is due now, if one is.
     fn snapshot_due(&self) -> Option<&'static str> {
-        let journal = self.journal.get()?;
-        if journal.wal.bytes() >= journal.options.snapshot_log_bytes {
+        let journal = self.journal()?;
+        if journal.unsnapshotted_bytes() >= journal.snapshot_log_bytes {
             return Some("the log grew past snapshot_log_bytes");
         }
         let oldest = journal.oldest_delete.lock().ok().and_then(|o| *o)?;
-        (oldest.elapsed() >= journal.options.erasure_max_age)
+        (oldest.elapsed() >= journal.erasure_max_age)
             .then_some("deleted users reached erasure_max_age")
     }
 
-    /// Bytes of the log on disk, and snapshots written since the start.
+    /// Log bytes not yet in a snapshot, and snapshots written since the start.
     pub fn log_stats(&self) -> Option<(u64, u64)> {
-        let journal = self.journal.get()?;
+        let journal = self.journal()?;
         Some((
-            journal.wal.bytes(),
+            journal.unsnapshotted_bytes(),
             journal.snapshots.load(Ordering::Relaxed),
         ))
+    }
+
+    /// Counts a snapshot written.
+    pub(super) fn snapshot_written(&self, journal: &Journal) {
+        journal.snapshots.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -370,7 +449,7 @@ enum Version {
 }
 
 /// Writes a snapshot whenever one is due, for as long as the engine lives.
-async fn snapshot_when_due(engine: Weak<Engine>) {
+pub(super) async fn snapshot_when_due(engine: Weak<Engine>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -493,14 +572,21 @@ fn load_dataset(
     }
 }
 
-/// Applies one logged write to the version it was applied to.
+/// Applies one logged write to the version it was applied to, dropping its transitions (no
+/// watcher listens during recovery).
 fn replay(state: &mut DatasetState, record: &LogRecord) -> Result<()> {
-    match &record.body {
-        RecordBody::Change(change) => {
-            state.apply(change, record.now)?;
-        }
-        RecordBody::Import(parts) => transaction::replay(state, record.now, parts)?,
-    }
+    apply_record(state, record)?;
     state.transitions.clear();
     Ok(())
+}
+
+/// Applies one logged write to the version it was applied to, keeping its transitions.
+///
+/// # Errors
+/// As the write would have failed (a record is logged only after it succeeded).
+pub(super) fn apply_record(state: &mut DatasetState, record: &LogRecord) -> Result<()> {
+    match &record.body {
+        RecordBody::Change(change) => state.apply(change, record.now).map(|_| ()),
+        RecordBody::Import(parts) => transaction::replay(state, record.now, parts),
+    }
 }

@@ -29,6 +29,7 @@ pub mod import;
 pub mod plan;
 pub mod query;
 pub mod record;
+pub mod replica;
 pub mod snapshot;
 pub mod state;
 pub mod transaction;
@@ -44,6 +45,7 @@ pub use change::{
 pub use durable::{DurableOptions, LoadProgress, RecoveryReport, SnapshotReport};
 pub use error::{EngineError, Result};
 pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
+pub use replica::{Lag, SharedOptions};
 pub use state::{DatasetState, Segment};
 pub use transaction::Import;
 pub use watch::{ChangeKind, MembershipChange, WatchBatch, Watcher};
@@ -292,7 +294,6 @@ impl Engine {
     /// # Errors
     /// Whatever is invalid in the change; nothing is applied then.
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
-        self.check_ready()?;
         self.check_change(&change)?;
         let name = dataset_name(dataset)?;
         loop {
@@ -329,8 +330,17 @@ impl Engine {
                 }
             }
             if let (Some(bytes), Some(journal)) = (bytes, self.journal()) {
-                match self.log_bytes(journal, bytes, is_delete).await {
+                let expected = state.log_position;
+                match self
+                    .log_bytes(journal, name, expected, bytes, is_delete)
+                    .await
+                {
                     Ok(position) => state.log_position = position,
+                    Err(EngineError::Storage(crate::persist::PersistError::Conflict)) => {
+                        // Another replica wrote first: apply its records, then this change again.
+                        self.catch_up(name, &handle).await?;
+                        continue;
+                    }
                     Err(error) => {
                         if let Some(name) = &pending {
                             unregister(&self.datasets, name, &handle);

@@ -10,7 +10,7 @@ use super::change::{Change, ChangeOutcome, ImportBatch};
 use super::error::{EngineError, Result};
 use super::record::{ImportPart, LogRecord, RecordBody};
 use super::state::DatasetState;
-use super::{event_import, feed, register, Dataset, Engine, Pending, Registry};
+use super::{event_import, feed, register, unregister, Dataset, Engine, Pending, Registry};
 use crate::time::Millis;
 
 /// The steps of an import applied to a private version: the same code runs live and when the
@@ -100,9 +100,8 @@ impl Engine {
     /// [`Import::commit`] all at once. Other writers of the dataset wait until then; readers do not.
     ///
     /// # Errors
-    /// An invalid dataset name, or a server still loading.
+    /// An invalid dataset name.
     pub async fn begin_import(self: &Arc<Self>, dataset: &str) -> Result<Import> {
-        self.check_ready()?;
         let (handle, pending) = self.dataset_or_new(dataset)?;
         let guard = handle.writer.clone().lock_owned().await;
         let state = DatasetState::clone(&handle.current());
@@ -213,6 +212,33 @@ impl Import {
         self.outcome
     }
 
+    /// Logs the import's record; when another replica wrote to the dataset first, applies its
+    /// records and the import again on top of them, and logs that.
+    async fn log(&self, mut state: DatasetState, record: &LogRecord) -> Result<DatasetState> {
+        loop {
+            match self.engine.log(record, state.log_position).await {
+                Ok(position) => {
+                    state.log_position = position;
+                    return Ok(state);
+                }
+                Err(EngineError::Storage(crate::persist::PersistError::Conflict)) => {
+                    self.engine.catch_up(&self.name, &self.handle).await?;
+                    let mut again = DatasetState::clone(&self.handle.current());
+                    let RecordBody::Import(parts) = &record.body else {
+                        return Err(EngineError::Internal("an import logged as a change".into()));
+                    };
+                    let (now, parts) = (record.now, parts.clone());
+                    state = tokio::task::spawn_blocking(move || {
+                        replay(&mut again, now, &parts).map(|()| again)
+                    })
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     /// Logs the whole import as one record (when the engine is durable), then publishes it.
     ///
     /// # Errors
@@ -228,19 +254,29 @@ impl Import {
             .state
             .take()
             .ok_or_else(|| EngineError::Internal("import used after a failed batch".into()))?;
+        // Registered before it is logged: a record in the log is never one that lost the race
+        // to create its dataset. Until the publish below, readers see it empty.
+        if let Some(name) = &self.pending {
+            register(&self.registry, name, &self.handle)?;
+        }
         if let Some(parts) = self.logged.take() {
             let record = LogRecord {
                 dataset: self.name.clone(),
                 now: self.now,
                 body: RecordBody::Import(parts),
             };
-            state.log_position = self.engine.log(record).await?;
+            state = match self.log(state, &record).await {
+                Ok(state) => state,
+                Err(error) => {
+                    if let Some(name) = &self.pending {
+                        unregister(&self.registry, name, &self.handle);
+                    }
+                    return Err(error);
+                }
+            };
         }
         state.net_transitions(&self.handle.current());
         self.handle.publish(state, self.bounds);
-        if let Some(name) = &self.pending {
-            register(&self.registry, name, &self.handle)?;
-        }
         Ok(self.outcome)
     }
 }

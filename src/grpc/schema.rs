@@ -39,6 +39,7 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
             .engine
             .snapshot(&name)
             .map_err(|e| to_status(e, "dataset"))?;
+        let lag = self.engine.replication_lag(&name).unwrap_or_default();
         // Distinct counts of numeric columns read the column: off the async workers.
         blocking(move || {
             let attributes = state
@@ -59,6 +60,8 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
                 event_counts: state.events.names().map(|(_, c)| c).collect(),
                 event_retention_days: (state.retention_ms() / crate::index::events::DAY_MS) as u32,
                 segment_count: state.segments.len() as u64,
+                replication_lag_records: lag.records,
+                replication_lag_seconds: lag.seconds,
             }))
         })
         .await

@@ -10,9 +10,10 @@
 //! - [`frame`]: the checksummed framing shared by log segments and snapshot files.
 //! - [`wal`]: the embedded write-ahead log: segment files, group commit, fsync policy.
 //! - [`snapshot`]: snapshot directories: files, a manifest with checksums, atomic publication.
-//! - `redis` (next): the shared store of several replicas: a stream per dataset, chunked snapshots.
+//! - [`redis`]: the shared store of several replicas: a stream per dataset, chunked snapshots.
 
 pub mod frame;
+pub mod redis;
 
 pub mod snapshot;
 pub mod wal;

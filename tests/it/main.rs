@@ -11,5 +11,7 @@ mod grpc_segments;
 mod grpc_watch;
 mod harness;
 mod model;
+mod process;
 mod properties;
 mod properties_events;
+mod replicas;

@@ -1,0 +1,496 @@
+//! Redis mode: several replicas share one log per dataset, kept in Redis, and each applies it in
+//! log order, so that all of them converge to the same versions.
+//!
+//! A write is applied on the replica that took it to a private copy of the dataset at the
+//! position it has applied last, then appended only if the dataset's log has not moved on since
+//! (a conditional append); otherwise the replica applies the records it missed and tries again.
+//! So a record in the log always applied cleanly to the version before it, on every replica,
+//! and the writer reads its own write as soon as it is acknowledged. A follower task applies the
+//! records other replicas append, within moments.
+//!
+//! Snapshots go to Redis too, one per dataset; a new replica loads each dataset's newest
+//! snapshot and the records after it, then serves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::durable::{apply_record, Backend, Journal, SnapshotReport};
+use super::error::{EngineError, Result};
+use super::record;
+use super::state::DatasetState;
+use super::{feed, register, snapshot, Dataset, Engine, RecoveryReport};
+use crate::persist::redis::RedisStore;
+use crate::persist::{PersistError, Position};
+
+/// Records read from Redis per round trip.
+const READ_BATCH: usize = 256;
+
+/// How the shared store is reached and kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedOptions {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Start of every key, so that several deployments can share one Redis.
+    pub prefix: String,
+    /// A dataset is snapshotted once this many bytes of its records are not in a snapshot.
+    pub snapshot_log_bytes: u64,
+    /// The longest a deleted user's bytes stay in the log or a snapshot.
+    pub erasure_max_age: Duration,
+}
+
+/// How far behind its dataset's log a replica was when it last caught up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lag {
+    /// Records other replicas had appended that this one had not applied.
+    pub records: u64,
+    /// Age of the oldest of them, by the Redis clock that stamped it.
+    pub seconds: f64,
+}
+
+/// Redis mode's part of the journal.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    store: RedisStore,
+    prefix: String,
+    /// Record bytes per dataset that no snapshot holds yet (as far as this replica knows).
+    unsnapshotted: Mutex<HashMap<String, u64>>,
+    /// The lag found at each dataset's last catch-up.
+    lag: Mutex<HashMap<String, Lag>>,
+}
+
+impl Shared {
+    /// Appends a record of a version that followed `expected`.
+    ///
+    /// # Errors
+    /// [`PersistError::Conflict`] when the log moved on; `Unavailable` when Redis is down.
+    pub(super) async fn append(
+        &self,
+        dataset: &str,
+        expected: Position,
+        bytes: Vec<u8>,
+    ) -> crate::persist::Result<Position> {
+        let position = self.store.append(dataset, expected, &bytes).await?;
+        self.count(dataset, bytes.len() as u64);
+        Ok(position)
+    }
+
+    fn count(&self, dataset: &str, bytes: u64) {
+        if let Ok(mut map) = self.unsnapshotted.lock() {
+            *map.entry(dataset.to_owned()).or_default() += bytes;
+        }
+    }
+
+    /// The most record bytes of one dataset not in a snapshot.
+    pub(super) fn unsnapshotted_bytes(&self) -> u64 {
+        self.unsnapshotted
+            .lock()
+            .map_or(0, |map| map.values().copied().max().unwrap_or(0))
+    }
+}
+
+fn millis_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    fn shared(&self) -> Option<&Shared> {
+        match &self.journal()?.backend {
+            Backend::Shared(shared) => Some(shared),
+            Backend::Local { .. } => None,
+        }
+    }
+
+    /// How far behind the shared log this replica was for `dataset` when it last caught up;
+    /// `None` outside Redis mode.
+    pub fn replication_lag(&self, dataset: &str) -> Option<Lag> {
+        let shared = self.shared()?;
+        let lag = shared.lag.lock().ok()?.get(dataset).copied();
+        Some(lag.unwrap_or_default())
+    }
+
+    /// Joins the replicas sharing `options.url`: loads every dataset's newest snapshot and the
+    /// records after it, then applies what other replicas append and logs every write there.
+    /// Requests are refused with `loading: N of M` meanwhile; Redis is retried until it answers.
+    ///
+    /// # Errors
+    /// A snapshot or record that cannot be read; an engine that is durable already.
+    pub async fn open_shared(self: &Arc<Self>, options: SharedOptions) -> Result<RecoveryReport> {
+        let started = Instant::now();
+        let was_loading = self.progress.loading().is_some();
+        let store = connect(&options).await;
+        let names = retry(|| store.datasets()).await;
+        self.progress.begin(names.len() as u64 + 1);
+        let mut states = std::collections::BTreeMap::new();
+        let mut report = RecoveryReport::default();
+        let mut unsnapshotted = HashMap::new();
+        for (index, name) in names.iter().enumerate() {
+            let (state, records, bytes) = retry_load(&store, name).await?;
+            report.records += records;
+            unsnapshotted.insert(name.clone(), bytes);
+            states.insert(name.clone(), state);
+            self.progress.advance(index as u64 + 1);
+        }
+        report.datasets = states.len();
+        self.install(states)?;
+        let shared = Shared {
+            store,
+            prefix: options.prefix.clone(),
+            unsnapshotted: Mutex::new(unsnapshotted),
+            lag: Mutex::new(HashMap::new()),
+        };
+        let journal = Journal::new(
+            Backend::Shared(Box::new(shared)),
+            options.snapshot_log_bytes,
+            options.erasure_max_age,
+        );
+        if self.journal.set(Arc::new(journal)).is_err() {
+            return Err(EngineError::Internal(
+                "the engine is durable already".into(),
+            ));
+        }
+        tokio::spawn(follow(Arc::downgrade(self)));
+        tokio::spawn(super::durable::snapshot_when_due(Arc::downgrade(self)));
+        if !was_loading {
+            self.progress.finish();
+        }
+        tracing::info!(
+            datasets = report.datasets,
+            seconds = started.elapsed().as_secs_f64(),
+            "joined the replicas"
+        );
+        Ok(report)
+    }
+
+    /// Applies the records other replicas appended after the dataset's published version and
+    /// publishes the result; the caller holds the dataset's writer lock.
+    ///
+    /// # Errors
+    /// Redis unreachable; a log that is not Redis (no other writer can exist there).
+    pub(super) async fn catch_up(&self, name: &str, handle: &Dataset) -> Result<()> {
+        let shared = self.shared().ok_or_else(|| {
+            EngineError::Internal("the log moved on under a single writer".into())
+        })?;
+        let bounds = feed::FeedBounds::from(&self.limits);
+        let mut lag: Option<Lag> = None;
+        loop {
+            let current = handle.current();
+            let batch = match shared
+                .store
+                .read_after(name, current.log_position, READ_BATCH)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(PersistError::Conflict) => {
+                    // The records after this version were trimmed behind a newer snapshot.
+                    tracing::info!(dataset = name, "fell behind a snapshot; reloading from it");
+                    handle.publish(load(&shared.store, name).await?.0, bounds);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let Some(first) = batch.first() else {
+                break;
+            };
+            let found = lag.get_or_insert(Lag {
+                records: 0,
+                seconds: millis_now().saturating_sub(first.0.major) as f64 / 1000.0,
+            });
+            found.records += batch.len() as u64;
+            let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
+            let mut state = DatasetState::clone(&current);
+            let dataset = name.to_owned();
+            let state = tokio::task::spawn_blocking(move || {
+                for (position, bytes) in batch {
+                    apply_shared(&mut state, &dataset, position, &bytes);
+                }
+                state
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("replication task failed: {e}")))?;
+            shared.count(name, bytes);
+            handle.publish(state, bounds);
+        }
+        if let (Some(found), Ok(mut map)) = (lag, shared.lag.lock()) {
+            map.insert(name.to_owned(), found);
+        }
+        Ok(())
+    }
+
+    /// One round of the follower: every dataset in Redis brought up to its log's head.
+    async fn follow_once(&self) -> Result<()> {
+        let shared = self
+            .shared()
+            .ok_or_else(|| EngineError::Internal("follower without Redis".into()))?;
+        for name in shared.store.datasets().await? {
+            let (handle, pending) = self.dataset_or_new(&name)?;
+            if let Some(pending) = &pending {
+                match register(&self.datasets, pending, &handle) {
+                    Ok(()) => {}
+                    // A local write created it meanwhile: the next round catches it up.
+                    Err(EngineError::ConcurrentCreate(_)) => continue,
+                    Err(other) => return Err(other),
+                }
+            }
+            let _writer = handle.writer.lock().await;
+            self.catch_up(&name, &handle).await?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots datasets into Redis (each then trims its log behind the snapshot).
+    pub(super) async fn snapshot_shared(
+        &self,
+        journal: &Journal,
+        shared: &Shared,
+        only: Option<&str>,
+        progress: impl Fn(usize, usize, &str) + Send + 'static,
+        started: Instant,
+    ) -> Result<SnapshotReport> {
+        let names = match only {
+            Some(name) => vec![name.to_owned()],
+            None => self.dataset_names(),
+        };
+        let covered_deletes = only
+            .is_none()
+            .then(|| journal.take_oldest_delete())
+            .flatten();
+        let mut bytes = 0;
+        let mut freed = 0;
+        for (index, name) in names.iter().enumerate() {
+            let written = self.snapshot_one(shared, name).await;
+            match written {
+                Ok((written, unsnapshotted)) => {
+                    bytes += written;
+                    freed += unsnapshotted;
+                }
+                Err(error) => {
+                    journal.restore_oldest_delete(covered_deletes);
+                    return Err(error);
+                }
+            }
+            progress(index + 1, names.len(), name);
+        }
+        self.snapshot_written(journal);
+        let report = SnapshotReport {
+            path: format!("redis:{}", shared.prefix).into(),
+            datasets: names.len(),
+            bytes,
+            log_bytes_freed: freed,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            datasets = report.datasets,
+            bytes,
+            seconds = report.seconds,
+            "snapshot written to Redis"
+        );
+        Ok(report)
+    }
+
+    /// One dataset's snapshot; returns its bytes and the record bytes it covers.
+    async fn snapshot_one(&self, shared: &Shared, name: &str) -> Result<(u64, u64)> {
+        let handle = self.dataset(name)?;
+        let state = {
+            let _writer = handle.writer.lock().await;
+            handle.current()
+        };
+        if state.log_position == Position::START {
+            return Ok((0, 0));
+        }
+        let unsnapshotted = shared
+            .unsnapshotted
+            .lock()
+            .map_or(0, |mut map| map.remove(name).unwrap_or(0));
+        let position = state.log_position;
+        let files = tokio::task::spawn_blocking(move || snapshot::to_files(&state))
+            .await
+            .map_err(|e| EngineError::Internal(format!("snapshot task failed: {e}")))?
+            .map_err(|e| EngineError::Internal(format!("snapshot of dataset '{name}': {e}")))?;
+        let bytes = files.iter().map(|(_, b)| b.len() as u64).sum();
+        if let Err(error) = shared.store.put_snapshot(name, position, &files).await {
+            shared.count(name, unsnapshotted);
+            return Err(error.into());
+        }
+        Ok((bytes, unsnapshotted))
+    }
+}
+
+/// Applies one record appended by any replica; a record that does not apply (impossible unless
+/// replicas run different code) is skipped loudly rather than stopping replication.
+fn apply_shared(state: &mut DatasetState, dataset: &str, position: Position, bytes: &[u8]) {
+    let applied = record::decode(bytes)
+        .map_err(EngineError::Internal)
+        .and_then(|record| {
+            let mut next = state.clone();
+            apply_record(&mut next, &record)?;
+            *state = next;
+            Ok(())
+        });
+    if let Err(error) = applied {
+        tracing::error!(dataset, %position, %error, "a record of the shared log does not apply here; skipped");
+    }
+    state.log_position = position;
+}
+
+/// Connects, retrying with backoff until Redis answers.
+async fn connect(options: &SharedOptions) -> RedisStore {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match RedisStore::connect(&options.url, &options.prefix).await {
+            Ok(store) => return store,
+            Err(error) => {
+                tracing::warn!(%error, "Redis does not answer; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs a Redis call until it succeeds, with backoff.
+async fn retry<T, F, Fut>(call: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = crate::persist::Result<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(error) => {
+                tracing::warn!(%error, "Redis call failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// [`load`], retried while Redis is unreachable; damaged data fails at once.
+async fn retry_load(store: &RedisStore, name: &str) -> Result<Loaded> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match load(store, name).await {
+            Err(EngineError::Storage(PersistError::Unavailable(error))) => {
+                tracing::warn!(%error, dataset = name, "Redis unreachable while loading; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A dataset loaded from Redis, with the records and record bytes applied after its snapshot.
+type Loaded = (DatasetState, u64, u64);
+
+/// A dataset from its newest snapshot in Redis and every record after it.
+async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
+    'snapshot: loop {
+        let (mut records, mut bytes) = (0, 0);
+        let mut state = match store.latest_snapshot(name).await? {
+            Some(stored) => {
+                let covers = stored.covers;
+                let dataset = name.to_owned();
+                let mut state = tokio::task::spawn_blocking(move || {
+                    let mut files: HashMap<String, Vec<u8>> = stored.files.into_iter().collect();
+                    snapshot::from_files(|file| {
+                        files
+                            .remove(file)
+                            .ok_or_else(|| format!("{file} is not in the snapshot"))
+                    })
+                    .map_err(|e| {
+                        PersistError::Format(format!(
+                            "snapshot of dataset '{dataset}' in Redis: {e}"
+                        ))
+                    })
+                })
+                .await
+                .map_err(|e| EngineError::Internal(format!("snapshot load failed: {e}")))??;
+                state.log_position = covers;
+                state
+            }
+            None => DatasetState::default(),
+        };
+        loop {
+            let batch = match store.read_after(name, state.log_position, READ_BATCH).await {
+                Ok(batch) if batch.is_empty() => {
+                    state.transitions.clear();
+                    return Ok((state, records, bytes));
+                }
+                Ok(batch) => batch,
+                // Trimmed behind a snapshot written meanwhile: start again from it.
+                Err(PersistError::Conflict) => continue 'snapshot,
+                Err(error) => return Err(error.into()),
+            };
+            records += batch.len() as u64;
+            bytes += batch.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+            let dataset = name.to_owned();
+            state = tokio::task::spawn_blocking(move || {
+                for (position, bytes) in batch {
+                    apply_shared(&mut state, &dataset, position, &bytes);
+                }
+                state.transitions.clear();
+                state
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("load task failed: {e}")))?;
+        }
+    }
+}
+
+/// Applies what other replicas append, for as long as the engine lives; while Redis is down it
+/// retries with backoff (queries go on from memory, writes fail) and catches up when it is back.
+async fn follow(engine: Weak<Engine>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut down = false;
+    loop {
+        let Some((store, positions)) = engine.upgrade().and_then(|engine| {
+            let store = engine.shared()?.store.clone();
+            let positions = engine
+                .dataset_names()
+                .into_iter()
+                .filter_map(|name| {
+                    let position = engine.snapshot(&name).ok()?.log_position;
+                    Some((name, position))
+                })
+                .collect::<Vec<_>>();
+            Some((store, positions))
+        }) else {
+            return;
+        };
+        let waited = store.wait(&positions, Duration::from_secs(1)).await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let result = match waited {
+            Ok(_) => engine.follow_once().await,
+            Err(error) => Err(error.into()),
+        };
+        match result {
+            Ok(()) => {
+                if down {
+                    tracing::info!("Redis answers again; caught up");
+                }
+                down = false;
+                backoff = Duration::from_millis(100);
+            }
+            Err(error) => {
+                if !down {
+                    tracing::warn!(
+                        %error,
+                        "cannot follow the shared log; queries go on from memory, writes fail \
+                         until Redis answers"
+                    );
+                }
+                down = true;
+                drop(engine);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
