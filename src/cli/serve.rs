@@ -228,15 +228,18 @@ fn shared_options(config: &Config) -> Option<SharedOptions> {
 /// Loads the demo users and then their events, counting both in the load progress.
 async fn load_demo(engine: &Arc<Engine>, users: u64, events: u64) -> Result<(), String> {
     engine.progress().begin(users + events);
-    load_demo_users(engine, users).await;
+    load_demo_users(engine, users).await?;
     if events > 0 {
-        load_demo_events(engine, users, events).await;
+        load_demo_events(engine, users, events).await?;
     }
     Ok(())
 }
 
 /// Loads the demo dataset, logging progress every ~10%.
-async fn load_demo_users(engine: &Arc<Engine>, users: u64) {
+///
+/// # Errors
+/// The import failed: the server must not serve a dataset without the data it was asked for.
+async fn load_demo_users(engine: &Arc<Engine>, users: u64) -> Result<(), String> {
     const BATCH_ROWS: usize = 64 * 1024;
     let started = std::time::Instant::now();
     let result = async {
@@ -261,18 +264,24 @@ async fn load_demo_users(engine: &Arc<Engine>, users: u64) {
     }
     .await;
     match result {
-        Ok(outcome) => tracing::info!(
-            users = outcome.created,
-            seconds = started.elapsed().as_secs_f64(),
-            "demo dataset loaded"
-        ),
-        Err(error) => tracing::error!(%error, "demo dataset failed to load"),
+        Ok(outcome) => {
+            tracing::info!(
+                users = outcome.created,
+                seconds = started.elapsed().as_secs_f64(),
+                "demo dataset loaded"
+            );
+            Ok(())
+        }
+        Err(error) => Err(format!("demo dataset failed to load: {error}")),
     }
 }
 
 /// Loads demo behaviour events of the demo users over the year before now, logging progress
 /// every ~10%.
-async fn load_demo_events(engine: &Arc<Engine>, users: u64, events: u64) {
+///
+/// # Errors
+/// As [`load_demo_users`].
+async fn load_demo_events(engine: &Arc<Engine>, users: u64, events: u64) -> Result<(), String> {
     const BATCH_ROWS: u64 = 64 * 1024;
     let started = std::time::Instant::now();
     let result = async {
@@ -300,12 +309,15 @@ async fn load_demo_events(engine: &Arc<Engine>, users: u64, events: u64) {
     }
     .await;
     match result {
-        Ok(outcome) => tracing::info!(
-            events = outcome.events,
-            seconds = started.elapsed().as_secs_f64(),
-            "demo events loaded"
-        ),
-        Err(error) => tracing::error!(%error, "demo events failed to load"),
+        Ok(outcome) => {
+            tracing::info!(
+                events = outcome.events,
+                seconds = started.elapsed().as_secs_f64(),
+                "demo events loaded"
+            );
+            Ok(())
+        }
+        Err(error) => Err(format!("demo events failed to load: {error}")),
     }
 }
 

@@ -41,6 +41,9 @@ pub struct DurableOptions {
 #[derive(Debug)]
 pub(super) struct Journal {
     pub(super) backend: Backend,
+    /// Names the log in watch tokens (a hash of the data directory or the Redis prefix), so
+    /// that a token of another deployment is refused.
+    pub(super) log_id: u64,
     /// A snapshot is due once this many log bytes are not in one.
     snapshot_log_bytes: u64,
     erasure_max_age: Duration,
@@ -64,11 +67,18 @@ pub(super) enum Backend {
 impl Journal {
     pub(super) fn new(
         backend: Backend,
+        log_name: &str,
         snapshot_log_bytes: u64,
         erasure_max_age: Duration,
     ) -> Self {
+        let log_id = log_name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
         Self {
             backend,
+            log_id,
             snapshot_log_bytes,
             erasure_max_age,
             snapshotting: tokio::sync::Mutex::new(()),
@@ -234,6 +244,11 @@ impl Engine {
         Ok(position)
     }
 
+    /// The id of the log watch tokens name, when durable.
+    pub(super) fn log_id(&self) -> Option<u64> {
+        Some(self.journal()?.log_id)
+    }
+
     /// The journal, when durable.
     pub(super) fn journal(&self) -> Option<&Journal> {
         self.journal.get().map(|j| &**j)
@@ -261,8 +276,13 @@ impl Engine {
             wal,
             data_dir: options.data_dir.clone(),
         };
+        let log_name = std::fs::canonicalize(&options.data_dir)
+            .unwrap_or_else(|_| options.data_dir.clone())
+            .display()
+            .to_string();
         let journal = Arc::new(Journal::new(
             backend,
+            &log_name,
             options.snapshot_log_bytes,
             options.erasure_max_age,
         ));
@@ -294,8 +314,10 @@ impl Engine {
             .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
         for (name, mut state) in states {
             state.transitions.clear();
+            let log = state.log_position;
             let handle = Arc::new(Dataset::default());
             handle.publish(state, feed::FeedBounds::from(&self.limits));
+            handle.feed.anchor(log);
             map.insert(name, handle);
         }
         Ok(())

@@ -109,6 +109,11 @@ pub enum EngineError {
     SegmentDeleted(String),
     #[error("dataset '{0}' was created by another write at the same time; retry")]
     ConcurrentCreate(String),
+    #[error(
+        "resume_token: this replica has not yet applied the writes the token points after; \
+         retry in a moment"
+    )]
+    ReplicaBehind,
     #[error("loading: {done} of {total}")]
     Loading { done: u64, total: u64 },
     #[error("storage: {0}")]

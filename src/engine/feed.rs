@@ -21,6 +21,14 @@ use tokio::sync::watch;
 use super::state::SegmentTransition;
 use super::Limits;
 use crate::index::Bitmap;
+use crate::persist::Position as LogPosition;
+
+/// An entry's place in the log: its record and its index among the record's entries. The
+/// index [`AFTER_RECORD`] names the place after all of a record's entries.
+pub type LogKey = (LogPosition, u32);
+
+/// The index of a [`LogKey`] after every entry of its record.
+pub const AFTER_RECORD: u32 = u32::MAX;
 
 /// User changes in one entry: a segment's entered and left users in one published write.
 #[derive(Debug)]
@@ -34,6 +42,8 @@ pub struct FeedEntry {
     pub left: Bitmap,
     /// The write deleted the segment.
     pub deleted: bool,
+    /// The log record that produced it and its index among that record's entries.
+    pub key: LogKey,
 }
 
 impl FeedEntry {
@@ -110,6 +120,8 @@ pub enum FeedError {
     Discarded,
     /// It is past the head or inside no entry: no token of this feed says so.
     Invalid,
+    /// It names a log record this feed has not reached yet (a replica behind another).
+    Ahead,
 }
 
 /// The entries themselves, under the feed's lock.
@@ -122,11 +134,43 @@ struct Ring {
     total_changes: u64,
     /// User changes in `entries`.
     held_changes: u64,
+    /// The log record of the last append (entries or not).
+    head_log: LogPosition,
+    /// The newest log key whose entries the ring does not hold (evicted, or before it started).
+    floor: LogKey,
 }
 
 impl Ring {
     fn tail_seq(&self) -> u64 {
         self.entries.front().map_or(self.next_seq, |e| e.seq)
+    }
+
+    /// The place of `key` (then `offset` changes into its entry), or of the first entry after
+    /// it when no entry has that key.
+    fn find(&self, key: LogKey, offset: u64) -> Result<Position, FeedError> {
+        let resumable = key > self.floor || (key == self.floor && key.1 == AFTER_RECORD);
+        if !resumable {
+            return Err(FeedError::Discarded);
+        }
+        if key.0 > self.head_log {
+            return Err(FeedError::Ahead);
+        }
+        let index = self.entries.partition_point(|e| e.key < key);
+        match self.entries.get(index) {
+            Some(entry) if entry.key == key && offset < entry.len().max(1) => Ok(Position {
+                seq: entry.seq,
+                offset,
+            }),
+            Some(entry) if entry.key > key && offset == 0 => Ok(Position {
+                seq: entry.seq,
+                offset: 0,
+            }),
+            None if offset == 0 => Ok(Position {
+                seq: self.next_seq,
+                offset: 0,
+            }),
+            _ => Err(FeedError::Invalid),
+        }
     }
 
     fn get(&self, seq: u64) -> Result<Option<&Arc<FeedEntry>>, FeedError> {
@@ -186,15 +230,22 @@ impl Feed {
         self.epoch
     }
 
-    /// Appends one published write's transitions in order, evicts what exceeds `bounds` (but
-    /// never the newest entry), and wakes watchers. Called under the dataset's writer lock.
-    pub fn append(&self, transitions: Vec<SegmentTransition>, bounds: FeedBounds) {
-        if transitions.is_empty() {
-            return;
-        }
+    /// Appends one published write's transitions in order (`log`: the write's record), evicts
+    /// what exceeds `bounds` (but never the newest entry), and wakes watchers. Called under the
+    /// dataset's writer lock, for every publish.
+    pub fn append(
+        &self,
+        transitions: Vec<SegmentTransition>,
+        log: LogPosition,
+        bounds: FeedBounds,
+    ) {
         let head = {
             let mut ring = self.lock();
-            for transition in transitions {
+            ring.head_log = log;
+            if transitions.is_empty() {
+                return;
+            }
+            for (index, transition) in transitions.into_iter().enumerate() {
                 let entry = FeedEntry {
                     seq: ring.next_seq,
                     start: ring.total_changes,
@@ -202,6 +253,7 @@ impl Feed {
                     entered: transition.entered,
                     left: transition.left,
                     deleted: transition.deleted,
+                    key: (log, u32::try_from(index).unwrap_or(AFTER_RECORD - 1)),
                 };
                 ring.next_seq += 1;
                 ring.total_changes += entry.len();
@@ -214,11 +266,42 @@ impl Feed {
             {
                 if let Some(oldest) = ring.entries.pop_front() {
                     ring.held_changes -= oldest.len();
+                    ring.floor = oldest.key;
                 }
             }
             ring.next_seq
         };
         self.head.send_replace(head);
+    }
+
+    /// Starts the feed after log record `log` (a version loaded from storage): it holds no
+    /// entry of that record or any before it. Entries held so far are dropped, so that watchers
+    /// reading them learn they missed history.
+    pub fn anchor(&self, log: LogPosition) {
+        let mut ring = self.lock();
+        ring.entries.clear();
+        ring.held_changes = 0;
+        ring.head_log = log;
+        ring.floor = (log, AFTER_RECORD);
+    }
+
+    /// The log key and offset of a position: `AFTER_RECORD` of the last record at the head.
+    /// `None` for an evicted position.
+    pub fn key_of(&self, position: Position) -> Option<(LogKey, u64)> {
+        let ring = self.lock();
+        match ring.get(position.seq).ok()? {
+            None => Some(((ring.head_log, AFTER_RECORD), 0)),
+            Some(entry) => Some((entry.key, position.offset)),
+        }
+    }
+
+    /// The position of a log key and offset (see [`LogToken`]).
+    ///
+    /// # Errors
+    /// A key this feed does not hold (evicted, or from before it started), one it has not
+    /// reached yet, or an offset outside its entry.
+    pub fn find(&self, key: LogKey, offset: u64) -> Result<Position, FeedError> {
+        self.lock().find(key, offset)
     }
 
     /// The position after everything appended so far.
@@ -309,6 +392,55 @@ impl ResumeToken {
     }
 }
 
+/// A place named by the log (see the module docs): valid on every replica of the same log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogToken {
+    pub dataset_tag: u32,
+    /// Tells the log (a data directory, a Redis prefix) the token belongs to.
+    pub log_id: u64,
+    pub key: LogKey,
+    pub offset: u64,
+}
+
+/// Prefix of every log token.
+const LOG_TOKEN_PREFIX: &str = "w2";
+
+impl LogToken {
+    /// The opaque text form.
+    pub fn encode(&self) -> String {
+        format!(
+            "{LOG_TOKEN_PREFIX}{:08x}{:016x}{:016x}{:016x}{:08x}{:016x}",
+            self.dataset_tag,
+            self.log_id,
+            self.key.0.major,
+            self.key.0.minor,
+            self.key.1,
+            self.offset
+        )
+    }
+
+    /// Parses [`LogToken::encode`]'s output; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix(LOG_TOKEN_PREFIX)?;
+        if hex.len() != 8 + 16 * 3 + 8 + 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let field = |from: usize, to: usize| u64::from_str_radix(&hex[from..to], 16).ok();
+        Some(Self {
+            dataset_tag: u32::try_from(field(0, 8)?).ok()?,
+            log_id: field(8, 24)?,
+            key: (
+                LogPosition {
+                    major: field(24, 40)?,
+                    minor: field(40, 56)?,
+                },
+                u32::try_from(field(56, 64)?).ok()?,
+            ),
+            offset: field(64, 80)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +464,7 @@ mod tests {
         let feed = Feed::default();
         feed.append(
             vec![transition("a", &[1, 2], &[3]), transition("b", &[4], &[])],
+            LogPosition::START,
             ROOMY,
         );
         assert_eq!(feed.head(), Position { seq: 2, offset: 0 });
@@ -349,7 +482,11 @@ mod tests {
     #[test]
     fn changes_resume_in_the_middle_of_an_entry() {
         let feed = Feed::default();
-        feed.append(vec![transition("a", &[10, 20, 30], &[5, 6])], ROOMY);
+        feed.append(
+            vec![transition("a", &[10, 20, 30], &[5, 6])],
+            LogPosition::START,
+            ROOMY,
+        );
         let entry = feed.entry(0).unwrap().unwrap();
         assert_eq!(entry.changes(0, 2), vec![(10, true), (20, true)]);
         assert_eq!(
@@ -367,14 +504,71 @@ mod tests {
             max_entries: 2,
             max_changes: 3,
         };
-        feed.append(vec![transition("a", &[1], &[])], bounds);
-        feed.append(vec![transition("a", &[2], &[])], bounds);
-        feed.append(vec![transition("a", &[3], &[])], bounds);
+        feed.append(vec![transition("a", &[1], &[])], LogPosition::START, bounds);
+        feed.append(vec![transition("a", &[2], &[])], LogPosition::START, bounds);
+        feed.append(vec![transition("a", &[3], &[])], LogPosition::START, bounds);
         assert_eq!(feed.entry(0).unwrap_err(), FeedError::Discarded);
         assert!(feed.entry(1).unwrap().is_some());
-        feed.append(vec![transition("a", &[4, 5, 6, 7], &[])], bounds);
+        feed.append(
+            vec![transition("a", &[4, 5, 6, 7], &[])],
+            LogPosition::START,
+            bounds,
+        );
         assert_eq!(feed.entry(2).unwrap_err(), FeedError::Discarded);
         assert_eq!(feed.entry(3).unwrap().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn log_keys_find_places_across_feeds_that_applied_the_same_records() {
+        let record = |n: u64| LogPosition { major: n, minor: 7 };
+        let bounds = FeedBounds {
+            max_entries: 3,
+            max_changes: 100,
+        };
+        // Two feeds of the same records: one from the start, one anchored after record 2.
+        let (whole, late) = (Feed::default(), Feed::default());
+        late.anchor(record(2));
+        for n in 1..=4 {
+            let transitions = || {
+                vec![
+                    transition("a", &[n as u32], &[]),
+                    transition("b", &[9], &[]),
+                ]
+            };
+            whole.append(transitions(), record(n), bounds);
+            if n > 2 {
+                late.append(transitions(), record(n), ROOMY);
+            }
+        }
+        // The whole feed evicted records 1 and 2 (3 entries kept) and part of 3.
+        assert_eq!(whole.find((record(2), 1), 0), Err(FeedError::Discarded));
+        assert_eq!(whole.find((record(3), 0), 0), Err(FeedError::Discarded));
+        let at_b3 = whole.find((record(3), 1), 0).unwrap();
+        assert_eq!(whole.key_of(at_b3), Some(((record(3), 1), 0)));
+        assert_eq!(
+            late.find((record(3), 1), 0).unwrap(),
+            Position { seq: 1, offset: 0 }
+        );
+        // After all of record 2: the late feed starts there; the whole one lost it.
+        assert_eq!(
+            late.find((record(2), AFTER_RECORD), 0).unwrap(),
+            Position { seq: 0, offset: 0 }
+        );
+        assert_eq!(late.find((record(2), 1), 0), Err(FeedError::Discarded));
+        // The head is after the last record; a later record is ahead of both.
+        let head = late.head();
+        assert_eq!(late.key_of(head), Some(((record(4), AFTER_RECORD), 0)));
+        assert_eq!(late.find((record(4), AFTER_RECORD), 0).unwrap(), head);
+        assert_eq!(whole.find((record(5), 0), 0), Err(FeedError::Ahead));
+        assert_eq!(late.find((record(4), 0), 5), Err(FeedError::Invalid));
+        let token = LogToken {
+            dataset_tag: 1,
+            log_id: 2,
+            key: (record(3), 1),
+            offset: 0,
+        };
+        assert_eq!(LogToken::decode(&token.encode()), Some(token));
+        assert_eq!(LogToken::decode("w1abc"), None);
     }
 
     #[test]

@@ -136,12 +136,13 @@ impl Dataset {
     /// reading an entry finds its users' external ids in the current version.
     fn publish(&self, mut state: DatasetState, bounds: feed::FeedBounds) {
         let transitions = std::mem::take(&mut state.transitions);
+        let log = state.log_position;
         let state = Arc::new(state);
         match self.current.write() {
             Ok(mut current) => *current = state,
             Err(poisoned) => *poisoned.into_inner() = state,
         }
-        self.feed.append(transitions, bounds);
+        self.feed.append(transitions, log, bounds);
     }
 }
 

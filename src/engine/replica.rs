@@ -143,6 +143,7 @@ impl Engine {
         };
         let journal = Journal::new(
             Backend::Shared(Box::new(shared)),
+            &format!("redis:{}", options.prefix),
             options.snapshot_log_bytes,
             options.erasure_max_age,
         );
@@ -186,7 +187,10 @@ impl Engine {
                 Err(PersistError::Conflict) => {
                     // The records after this version were trimmed behind a newer snapshot.
                     tracing::info!(dataset = name, "fell behind a snapshot; reloading from it");
-                    handle.publish(load(&shared.store, name).await?.0, bounds);
+                    let state = load(&shared.store, name).await?.0;
+                    let log = state.log_position;
+                    handle.publish(state, bounds);
+                    handle.feed.anchor(log);
                     continue;
                 }
                 Err(error) => return Err(error.into()),
@@ -202,16 +206,22 @@ impl Engine {
             let bytes: u64 = batch.iter().map(|(_, b)| b.len() as u64).sum();
             let mut state = DatasetState::clone(&current);
             let dataset = name.to_owned();
-            let state = tokio::task::spawn_blocking(move || {
+            // One version per record, so that watchers see each record's entries under its key.
+            let versions = tokio::task::spawn_blocking(move || {
+                let mut versions = Vec::with_capacity(batch.len());
                 for (position, bytes) in batch {
                     apply_shared(&mut state, &dataset, position, &bytes);
+                    versions.push(state.clone());
+                    state.transitions.clear();
                 }
-                state
+                versions
             })
             .await
             .map_err(|e| EngineError::Internal(format!("replication task failed: {e}")))?;
             shared.count(name, bytes);
-            handle.publish(state, bounds);
+            for version in versions {
+                handle.publish(version, bounds);
+            }
         }
         if let (Some(found), Ok(mut map)) = (lag, shared.lag.lock()) {
             map.insert(name.to_owned(), found);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::error::{EngineError, Result};
-use super::feed::{FeedEntry, FeedError, Position, ResumeToken};
+use super::feed::{FeedEntry, FeedError, LogToken, Position, ResumeToken};
 use super::{dataset_name, Dataset, Engine};
 
 /// Changes in one batch at most, so that a bulk import streams in many small messages.
@@ -64,6 +64,8 @@ pub struct Watcher {
     initial_lag: u64,
     /// The token of the last batch handed out: where a caller that was cut off resumes.
     delivered: String,
+    /// With storage on, the log that tokens name by record, valid on every replica.
+    log_id: Option<u64>,
     /// Wakes the watcher on appends.
     head: watch::Receiver<u64>,
     /// The first batch (no changes, the starting token) has been handed out.
@@ -97,6 +99,9 @@ impl Engine {
         let dataset_tag = ResumeToken::dataset_tag(name);
         let position = match resume_token {
             "" => handle.feed.head(),
+            token if token.starts_with("w2") => {
+                self.log_token_position(&handle, dataset_tag, token)?
+            }
             token => {
                 let token = ResumeToken::decode(token).ok_or(EngineError::InvalidResumeToken(
                     "is not a token this server issued",
@@ -119,7 +124,7 @@ impl Engine {
             FeedError::Discarded => EngineError::WatchHistoryDiscarded(
                 "the server keeps a bounded history, and the token is older than it",
             ),
-            FeedError::Invalid => {
+            FeedError::Invalid | FeedError::Ahead => {
                 EngineError::InvalidResumeToken("points past the end of the history")
             }
         })?;
@@ -129,13 +134,9 @@ impl Engine {
         for id in segment_ids {
             state.segment(id)?;
         }
-        let delivered = ResumeToken {
-            dataset_tag,
-            epoch: handle.feed.epoch(),
-            position,
-        }
-        .encode();
         let initial_lag = handle.feed.total_changes().saturating_sub(position_changes);
+        let log_id = self.log_id();
+        let delivered = token_of(&handle, dataset_tag, log_id, position);
         Ok(Watcher {
             dataset: handle,
             segments: segment_ids.iter().cloned().collect(),
@@ -145,11 +146,76 @@ impl Engine {
             max_lag: self.limits.watch_max_lag,
             initial_lag,
             delivered,
+            log_id,
             head,
             greeted: false,
             deleted: None,
         })
     }
+}
+
+impl Engine {
+    /// The feed position of a token that names its place by log record.
+    fn log_token_position(
+        &self,
+        handle: &Dataset,
+        dataset_tag: u32,
+        token: &str,
+    ) -> Result<Position> {
+        let token = LogToken::decode(token).ok_or(EngineError::InvalidResumeToken(
+            "is not a token this server issued",
+        ))?;
+        if token.dataset_tag != dataset_tag {
+            return Err(EngineError::InvalidResumeToken(
+                "was issued for another dataset",
+            ));
+        }
+        if self.log_id() != Some(token.log_id) {
+            return Err(EngineError::WatchHistoryDiscarded(
+                "the token comes from a server with another data directory or Redis prefix",
+            ));
+        }
+        handle
+            .feed
+            .find(token.key, token.offset)
+            .map_err(|e| match e {
+                FeedError::Discarded => EngineError::WatchHistoryDiscarded(
+                    "this server does not hold the history the token points into (it keeps a \
+                 bounded history from its own start)",
+                ),
+                FeedError::Ahead => EngineError::ReplicaBehind,
+                FeedError::Invalid => EngineError::InvalidResumeToken("points inside no change"),
+            })
+    }
+}
+
+/// The token of a position: by log record when storage is on, by feed place otherwise.
+fn token_of(
+    dataset: &Dataset,
+    dataset_tag: u32,
+    log_id: Option<u64>,
+    position: Position,
+) -> String {
+    let by_log = log_id.and_then(|log_id| {
+        let (key, offset) = dataset.feed.key_of(position)?;
+        Some(
+            LogToken {
+                dataset_tag,
+                log_id,
+                key,
+                offset,
+            }
+            .encode(),
+        )
+    });
+    by_log.unwrap_or_else(|| {
+        ResumeToken {
+            dataset_tag,
+            epoch: dataset.feed.epoch(),
+            position,
+        }
+        .encode()
+    })
 }
 
 impl Watcher {
@@ -225,7 +291,7 @@ impl Watcher {
                         "the watcher fell behind the server's bounded history",
                     ))
                 }
-                Err(FeedError::Invalid) => {
+                Err(FeedError::Invalid | FeedError::Ahead) => {
                     return Err(EngineError::Internal(format!(
                         "watch position {:?} is outside the feed",
                         self.position
@@ -282,12 +348,7 @@ impl Watcher {
     }
 
     fn batch(&mut self, changes: Vec<MembershipChange>) -> WatchBatch {
-        self.delivered = ResumeToken {
-            dataset_tag: self.dataset_tag,
-            epoch: self.dataset.feed.epoch(),
-            position: self.position,
-        }
-        .encode();
+        self.delivered = token_of(&self.dataset, self.dataset_tag, self.log_id, self.position);
         WatchBatch {
             changes,
             resume_token: self.delivered.clone(),

@@ -17,8 +17,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 
 use crate::engine::Engine;
@@ -184,7 +184,12 @@ pub async fn serve(
         .add_service(InterceptedService::new(schema, gate.clone()))
         .add_service(InterceptedService::new(watch, gate.clone()))
         .add_service(InterceptedService::new(admin, gate))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Without TCP_NODELAY, the last frames of a response (a stream's trailers) wait for the
+        // client's delayed ACK: 40 ms added to every streaming call on Linux.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     ticker.abort();
     served?;

@@ -43,7 +43,7 @@ pub fn code_of(error: &EngineError) -> Code {
         EngineError::ImportIo(e) if e.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
         EngineError::ImportIo(_) => Code::FailedPrecondition,
         EngineError::ConcurrentCreate(_) => Code::Aborted,
-        EngineError::Loading { .. } => Code::Unavailable,
+        EngineError::Loading { .. } | EngineError::ReplicaBehind => Code::Unavailable,
         EngineError::Storage(error) => storage_code(error),
         EngineError::Internal(_) => Code::Internal,
     }
@@ -95,6 +95,7 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
             EngineError::SegmentInUse { .. }
             | EngineError::InvalidPageToken
             | EngineError::InvalidResumeToken(_)
+            | EngineError::ReplicaBehind
             | EngineError::WatchHistoryDiscarded(_)
             | EngineError::WatcherTooSlow { .. }
             | EngineError::SegmentDeleted(_),

@@ -384,3 +384,70 @@ async fn random_histories_recover_exactly_through_snapshots_and_the_log() {
         run_history(seed, 160).await;
     }
 }
+
+/// A `country = "US"` upsert of one user.
+fn us_user(user: &str) -> Change {
+    Change::UpsertUsers(vec![UserUpdate {
+        user_id: user.into(),
+        changes: vec![AttributeChange {
+            attribute: "country".into(),
+            op: ChangeOp::Set(AttributeValue::String("US".into())),
+        }],
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_token_resumes_after_a_restart_where_nothing_was_missed() {
+    let dir = temp_dir("watch-restart");
+    let clock = FixedClock::new(JAN_1_2026);
+    let engine = open(&dir, &clock).await;
+    engine
+        .apply("default", us_user("u0"))
+        .await
+        .expect("first write");
+    let segment = random_segment(&mut SplitMix::new(1), JAN_1_2026, false);
+    let Change::CreateSegment(mut definition) = segment else {
+        unreachable!("a create");
+    };
+    definition.id = "us".into();
+    definition.expression = audience::expr::parse(r#"country = "US""#).expect("parses");
+    engine
+        .apply("default", Change::CreateSegment(definition))
+        .await
+        .expect("segment");
+    let ids = vec!["us".to_owned()];
+    let mut watcher = engine.watch("default", &ids, "").expect("watch");
+    let start = watcher.next().await.expect("greeting").resume_token;
+    engine.apply("default", us_user("u1")).await.expect("write");
+    let caught_up = watcher.next().await.expect("u1 arrives");
+    assert_eq!(caught_up.changes.len(), 1);
+    drop(watcher);
+    drop(engine);
+
+    let engine = open(&dir, &clock).await;
+    engine
+        .apply("default", us_user("u2"))
+        .await
+        .expect("write after restart");
+    let mut resumed = engine
+        .watch("default", &ids, &caught_up.resume_token)
+        .expect("a caught-up token resumes after a restart");
+    resumed.next().await.expect("greeting");
+    let next = resumed.next().await.expect("the write after the restart");
+    let users: Vec<&str> = next.changes.iter().map(|c| c.user_id.as_str()).collect();
+    assert_eq!(users, ["u2"]);
+    // A token from before changes the restarted server never held is refused, not skipped.
+    let refused = engine
+        .watch("default", &ids, &start)
+        .expect_err("history not held");
+    assert!(
+        matches!(
+            refused,
+            audience::engine::EngineError::WatchHistoryDiscarded(_)
+        ),
+        "{refused}"
+    );
+    drop(resumed);
+    drop(engine);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

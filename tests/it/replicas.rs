@@ -521,3 +521,64 @@ async fn a_redis_outage_fails_writes_keeps_reads_and_loses_no_acknowledged_write
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reads watch messages until `count` changes arrived; returns them (`user_id`) and the token
+/// of the last message.
+async fn watched(
+    server: &Process,
+    token: &str,
+    count: usize,
+) -> Result<(Vec<String>, String), tonic::Status> {
+    let mut client = pb::watch_service_client::WatchServiceClient::new(server.channel());
+    let request = pb::WatchRequest {
+        dataset: String::new(),
+        segment_ids: vec!["us".into()],
+        resume_token: token.into(),
+    };
+    let mut stream = client.watch(request).await?.into_inner();
+    let mut users = Vec::new();
+    let mut last = String::new();
+    // The first message carries no change: it says the watch is live.
+    while users.len() < count || last.is_empty() {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no watch message"))??
+            .ok_or_else(|| tonic::Status::aborted("the watch ended"))?;
+        users.extend(message.changes.into_iter().map(|c| c.user_id));
+        last = message.resume_token;
+    }
+    Ok((users, last))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_token_resumes_on_another_replica() {
+    let Some(url) = redis_or_skip("watch across replicas") else {
+        return;
+    };
+    let prefix = unique_prefix("watch");
+    let args = replica(&url, &prefix);
+    let a = start(&args).await;
+    let b = start(&args).await;
+    upsert(&a, "seed", "GB", "a").await.expect("first upsert");
+    create_us_segment(&a).await;
+    let (_, start_token) = watched(&a, "", 0).await.expect("watch starts");
+    for user in ["u1", "u2"] {
+        upsert(&a, user, "US", "a").await.expect("upsert");
+    }
+    let (first, token) = watched(&a, &start_token, 2).await.expect("watch on a");
+    assert_eq!(first, ["u1", "u2"]);
+    upsert(&a, "u3", "US", "a").await.expect("upsert on a");
+    upsert(&b, "u4", "US", "b").await.expect("upsert on b");
+    // B resumes A's token: exactly the changes after it, in log order.
+    let (on_b, _) = watched(&b, &token, 2).await.expect("resumed on b");
+    assert_eq!(on_b, ["u3", "u4"]);
+    let (on_a, _) = watched(&a, &token, 2).await.expect("resumed on a");
+    assert_eq!(on_a, on_b);
+    // A replica started after those writes never saw them: it says so instead of skipping.
+    let c = start(&args).await;
+    let refused = watched(&c, &start_token, 1)
+        .await
+        .expect_err("history not held");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    clean(&url, &prefix).await;
+}
