@@ -188,7 +188,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         // A dataset recovered from disk is not loaded again.
         let has_default = engine
             .snapshot(DEFAULT_DATASET)
-            .is_ok_and(|state| !state.live.is_empty() || state.events.events() > 0);
+            .is_ok_and(|state| !state.is_empty());
         if demo_users > 0 && !has_default {
             load_demo(&engine, demo_users, demo_events).await?;
         }

@@ -78,6 +78,11 @@ fn validate_event(
 }
 
 impl DatasetState {
+    /// Days of events kept.
+    pub fn retention_days(&self) -> u32 {
+        self.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS)
+    }
+
     /// Milliseconds of events kept.
     pub fn retention_ms(&self) -> Millis {
         i64::from(self.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS)) * DAY_MS

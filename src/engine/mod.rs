@@ -38,6 +38,8 @@ pub mod watch;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+pub use crate::index::keys::{validate_key, KeyError};
+pub use crate::index::AttributeKind;
 pub use change::{
     AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, EventRecord, ImportBatch,
     SegmentDefinition, UserUpdate,

@@ -197,6 +197,29 @@ impl DatasetState {
             .filter(|&id| self.live.contains(id))
     }
 
+    /// Live users.
+    pub fn user_count(&self) -> u64 {
+        self.live.len()
+    }
+
+    /// Saved segments.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Every event name with its number of retained events.
+    pub fn event_counts(&self) -> Vec<(String, u64)> {
+        self.events
+            .names()
+            .map(|(name, count)| (name.to_owned(), count))
+            .collect()
+    }
+
+    /// Whether the dataset holds no user and no event.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.events.events() == 0
+    }
+
     /// Every attribute with its kind, distinct values and nulls among live users.
     pub fn describe(&self) -> Vec<AttributeInfo> {
         self.attributes

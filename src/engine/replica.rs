@@ -26,6 +26,9 @@ use crate::persist::{PersistError, Position};
 /// Records read from Redis per round trip.
 const READ_BATCH: usize = 256;
 
+/// A replica this far behind the shared log says so in its log.
+const LAG_WARNING_SECS: f64 = 1.0;
+
 /// How the shared store is reached and kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedOptions {
@@ -223,8 +226,18 @@ impl Engine {
                 handle.publish(version, bounds);
             }
         }
-        if let (Some(found), Ok(mut map)) = (lag, shared.lag.lock()) {
-            map.insert(name.to_owned(), found);
+        if let Some(found) = lag {
+            if found.seconds >= LAG_WARNING_SECS {
+                tracing::warn!(
+                    dataset = name,
+                    records = found.records,
+                    seconds = found.seconds,
+                    "this replica was behind the shared log"
+                );
+            }
+            if let Ok(mut map) = shared.lag.lock() {
+                map.insert(name.to_owned(), found);
+            }
         }
         Ok(())
     }

@@ -30,6 +30,13 @@ pub struct Segment {
     pub slot: usize,
 }
 
+impl Segment {
+    /// Current members.
+    pub fn size(&self) -> u64 {
+        self.members.len()
+    }
+}
+
 /// A consistent version of one dataset.
 #[derive(Debug, Clone, Default)]
 pub struct DatasetState {

@@ -8,13 +8,13 @@ use tonic::Status;
 
 use super::pb;
 use super::status::invalid;
+use crate::engine::AttributeKind;
 use crate::engine::{
     AttributeChange, AttributeValue, Audience, ChangeOp, Engine, EventRecord, UserUpdate,
 };
 use crate::expr::{
     CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value, Window,
 };
-use crate::index::AttributeKind;
 use crate::time::Millis;
 
 /// A request timestamp as milliseconds; `None` when absent.
@@ -450,7 +450,7 @@ pub fn events(events: &[pb::Event], field: &str) -> Result<Vec<EventRecord>, Sta
             if e.user_id.is_empty() {
                 return Err(invalid(&at("user_id"), "must not be empty"));
             }
-            crate::index::keys::validate_key(&e.user_id)
+            crate::engine::validate_key(&e.user_id)
                 .map_err(|reason| invalid(&at("user_id"), reason))?;
             crate::engine::events::validate_event_name(&e.event)
                 .map_err(|reason| invalid(&at("event"), reason))?;
@@ -570,7 +570,7 @@ pub fn segment_to_proto(segment: &crate::engine::Segment) -> pb::Segment {
         expression_text: d.expression.to_string(),
         create_time: Some(timestamp(d.created_at)),
         update_time: Some(timestamp(d.updated_at)),
-        size: segment.members.len(),
+        size: segment.size(),
     }
 }
 

@@ -42,6 +42,7 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
         let lag = self.engine.replication_lag(&name).unwrap_or_default();
         // Distinct counts of numeric columns read the column: off the async workers.
         blocking(move || {
+            let events = state.event_counts();
             let attributes = state
                 .describe()
                 .into_iter()
@@ -54,12 +55,12 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
                 .collect();
             Ok(Response::new(pb::DescribeDatasetResponse {
                 dataset: name,
-                user_count: state.live.len(),
+                user_count: state.user_count(),
                 attributes,
-                event_names: state.events.names().map(|(n, _)| n.to_owned()).collect(),
-                event_counts: state.events.names().map(|(_, c)| c).collect(),
-                event_retention_days: (state.retention_ms() / crate::index::events::DAY_MS) as u32,
-                segment_count: state.segments.len() as u64,
+                event_names: events.iter().map(|(n, _)| n.clone()).collect(),
+                event_counts: events.iter().map(|(_, c)| *c).collect(),
+                event_retention_days: state.retention_days(),
+                segment_count: state.segment_count() as u64,
                 replication_lag_records: lag.records,
                 replication_lag_seconds: lag.seconds,
             }))

@@ -20,7 +20,7 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::ExpressionTooDeep { .. }
         | EngineError::TextTooDeep { .. } => Code::ResourceExhausted,
         EngineError::InvalidRecord { reason, .. } => code_of(reason),
-        EngineError::Key(crate::index::keys::KeyError::Exhausted(_)) => Code::ResourceExhausted,
+        EngineError::Key(crate::engine::KeyError::Exhausted(_)) => Code::ResourceExhausted,
         EngineError::InvalidDatasetName(_)
         | EngineError::UnknownAttribute(_)
         | EngineError::KindMismatch { .. }
