@@ -21,6 +21,7 @@ use super::{feed, snapshot, transaction, Dataset, Engine};
 use crate::persist::snapshot::{self as snapshot_dir, SnapshotWriter};
 use crate::persist::wal::{self, Wal, WalOptions};
 use crate::persist::{PersistError, Position};
+use crate::time::Millis;
 
 /// How the embedded store is kept.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,9 +109,14 @@ impl Journal {
     }
 
     /// Remembers that a delete was logged now, unless an older one waits already.
-    fn note_delete(&self) {
+    pub(super) fn note_delete(&self) {
+        self.note_delete_at(Instant::now());
+    }
+
+    /// Remembers a delete logged at `at`, unless an older one waits already.
+    pub(super) fn note_delete_at(&self, at: Instant) {
         if let Ok(mut oldest) = self.oldest_delete.lock() {
-            oldest.get_or_insert_with(Instant::now);
+            *oldest = Some(oldest.map_or(at, |o| o.min(at)));
         }
     }
 
@@ -137,6 +143,9 @@ pub struct RecoveryReport {
     pub records: u64,
     /// What was dropped: a torn tail, and with repair, corrupt data.
     pub dropped: Vec<String>,
+    /// When the oldest delete replayed from the log (so in no snapshot yet) was applied: the
+    /// erasure clock goes on from there, not from the restart.
+    pub oldest_delete: Option<Millis>,
 }
 
 /// What a snapshot wrote.
@@ -286,6 +295,10 @@ impl Engine {
             options.snapshot_log_bytes,
             options.erasure_max_age,
         ));
+        if let Some(at) = report.oldest_delete {
+            let age = Duration::from_millis(self.now().saturating_sub(at).max(0) as u64);
+            journal.note_delete_at(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+        }
         self.install(states)?;
         if self.journal.set(journal).is_err() {
             return Err(EngineError::Internal(
@@ -547,6 +560,15 @@ fn recover(
         let state = states.entry(record.dataset.clone()).or_default();
         if seq <= state.log_position.major {
             return Ok(());
+        }
+        if matches!(
+            record.body,
+            RecordBody::Change(super::Change::DeleteUsers(_))
+        ) {
+            let at = report
+                .oldest_delete
+                .map_or(record.now, |o| o.min(record.now));
+            report.oldest_delete = Some(at);
         }
         replay(state, &record).map_err(|e| {
             format!(

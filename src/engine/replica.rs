@@ -129,11 +129,13 @@ impl Engine {
         let mut states = std::collections::BTreeMap::new();
         let mut report = RecoveryReport::default();
         let mut unsnapshotted = HashMap::new();
+        let mut deleted = false;
         for (index, name) in names.iter().enumerate() {
-            let (state, records, bytes) = retry_load(&store, name).await?;
-            report.records += records;
-            unsnapshotted.insert(name.clone(), bytes);
-            states.insert(name.clone(), state);
+            let loaded = retry_load(&store, name).await?;
+            report.records += loaded.records;
+            deleted |= loaded.deleted;
+            unsnapshotted.insert(name.clone(), loaded.bytes);
+            states.insert(name.clone(), loaded.state);
             self.progress.advance(index as u64 + 1);
         }
         report.datasets = states.len();
@@ -150,6 +152,9 @@ impl Engine {
             options.snapshot_log_bytes,
             options.erasure_max_age,
         );
+        if deleted {
+            journal.note_delete();
+        }
         if self.journal.set(Arc::new(journal)).is_err() {
             return Err(EngineError::Internal(
                 "the engine is durable already".into(),
@@ -190,7 +195,7 @@ impl Engine {
                 Err(PersistError::Conflict) => {
                     // The records after this version were trimmed behind a newer snapshot.
                     tracing::info!(dataset = name, "fell behind a snapshot; reloading from it");
-                    let state = load(&shared.store, name).await?.0;
+                    let state = load(&shared.store, name).await?.state;
                     let log = state.log_position;
                     handle.publish(state, bounds);
                     handle.feed.anchor(log);
@@ -210,18 +215,23 @@ impl Engine {
             let mut state = DatasetState::clone(&current);
             let dataset = name.to_owned();
             // One version per record, so that watchers see each record's entries under its key.
-            let versions = tokio::task::spawn_blocking(move || {
+            let (versions, deleted) = tokio::task::spawn_blocking(move || {
                 let mut versions = Vec::with_capacity(batch.len());
+                let mut deleted = false;
                 for (position, bytes) in batch {
-                    apply_shared(&mut state, &dataset, position, &bytes);
+                    deleted |= apply_shared(&mut state, &dataset, position, &bytes);
                     versions.push(state.clone());
                     state.transitions.clear();
                 }
-                versions
+                (versions, deleted)
             })
             .await
             .map_err(|e| EngineError::Internal(format!("replication task failed: {e}")))?;
             shared.count(name, bytes);
+            // Any replica's snapshot erases the deleted users: each keeps the clock.
+            if let (true, Some(journal)) = (deleted, self.journal()) {
+                journal.note_delete();
+            }
             for version in versions {
                 handle.publish(version, bounds);
             }
@@ -341,21 +351,26 @@ impl Engine {
     }
 }
 
-/// Applies one record appended by any replica; a record that does not apply (impossible unless
-/// replicas run different code) is skipped loudly rather than stopping replication.
-fn apply_shared(state: &mut DatasetState, dataset: &str, position: Position, bytes: &[u8]) {
+/// Applies one record appended by any replica; returns whether it deleted users. A record that
+/// does not apply (impossible unless replicas run different code) is skipped loudly rather than
+/// stopping replication.
+fn apply_shared(state: &mut DatasetState, dataset: &str, position: Position, bytes: &[u8]) -> bool {
     let applied = record::decode(bytes)
         .map_err(EngineError::Internal)
         .and_then(|record| {
             let mut next = state.clone();
             apply_record(&mut next, &record)?;
             *state = next;
-            Ok(())
+            Ok(matches!(
+                record.body,
+                record::RecordBody::Change(super::Change::DeleteUsers(_))
+            ))
         });
-    if let Err(error) = applied {
-        tracing::error!(dataset, %position, %error, "a record of the shared log does not apply here; skipped");
-    }
     state.log_position = position;
+    applied.unwrap_or_else(|error| {
+        tracing::error!(dataset, %position, %error, "a record of the shared log does not apply here; skipped");
+        false
+    })
 }
 
 /// Connects, retrying with backoff until Redis answers.
@@ -407,13 +422,19 @@ async fn retry_load(store: &RedisStore, name: &str) -> Result<Loaded> {
     }
 }
 
-/// A dataset loaded from Redis, with the records and record bytes applied after its snapshot.
-type Loaded = (DatasetState, u64, u64);
+/// A dataset loaded from Redis, and what was applied after its snapshot.
+struct Loaded {
+    state: DatasetState,
+    records: u64,
+    bytes: u64,
+    /// Some record deleted users (so the erasure clock runs).
+    deleted: bool,
+}
 
 /// A dataset from its newest snapshot in Redis and every record after it.
 async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
     'snapshot: loop {
-        let (mut records, mut bytes) = (0, 0);
+        let (mut records, mut bytes, mut deleted) = (0, 0, false);
         let mut state = match store.latest_snapshot(name).await? {
             Some(stored) => {
                 let covers = stored.covers;
@@ -442,7 +463,12 @@ async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
             let batch = match store.read_after(name, state.log_position, READ_BATCH).await {
                 Ok(batch) if batch.is_empty() => {
                     state.transitions.clear();
-                    return Ok((state, records, bytes));
+                    return Ok(Loaded {
+                        state,
+                        records,
+                        bytes,
+                        deleted,
+                    });
                 }
                 Ok(batch) => batch,
                 // Trimmed behind a snapshot written meanwhile: start again from it.
@@ -452,15 +478,18 @@ async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
             records += batch.len() as u64;
             bytes += batch.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
             let dataset = name.to_owned();
-            state = tokio::task::spawn_blocking(move || {
+            let applied = tokio::task::spawn_blocking(move || {
+                let mut deleted = false;
                 for (position, bytes) in batch {
-                    apply_shared(&mut state, &dataset, position, &bytes);
+                    deleted |= apply_shared(&mut state, &dataset, position, &bytes);
                 }
                 state.transitions.clear();
-                state
+                (state, deleted)
             })
             .await
             .map_err(|e| EngineError::Internal(format!("load task failed: {e}")))?;
+            state = applied.0;
+            deleted |= applied.1;
         }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 4 | payload length, little-endian `u32` |
+//! | 8 | payload length, little-endian `u64` (an import of a large table is one record) |
 //! | 4 | CRC-32 (IEEE) of the sequence number's 8 bytes and the payload, little-endian |
 //! | 8 | sequence number, little-endian `u64`, one more than the record before |
 //! | n | payload |
@@ -15,31 +15,23 @@ use std::path::Path;
 use super::{PersistError, Result};
 
 /// The first bytes of every log segment: format name and version.
-pub const MAGIC: &[u8; 8] = b"AUDLOG01";
+pub const MAGIC: &[u8; 8] = b"AUDLOG02";
 
 /// Bytes before a record's payload.
-pub const HEADER_BYTES: usize = 16;
-
-/// The largest payload a record may carry (an import of a large table is one record).
-pub const MAX_PAYLOAD: usize = u32::MAX as usize;
+pub const HEADER_BYTES: usize = 20;
 
 /// Appends one framed record to `out`.
-///
-/// # Errors
-/// A payload over [`MAX_PAYLOAD`].
-pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let len = u32::try_from(payload.len()).map_err(|_| {
-        PersistError::Format(format!(
-            "a log record of {} bytes is over the limit of {MAX_PAYLOAD}",
-            payload.len()
-        ))
-    })?;
+pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(HEADER_BYTES + payload.len());
-    out.extend_from_slice(&len.to_le_bytes());
+    encode_header(seq, payload, out);
+    out.extend_from_slice(payload);
+}
+
+/// Appends the header of a record to `out`, for a payload written after it without a copy.
+pub fn encode_header(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&checksum(seq, payload).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(payload);
-    Ok(())
 }
 
 fn checksum(seq: u64, payload: &[u8]) -> u32 {
@@ -100,15 +92,21 @@ pub fn read_segment(bytes: &[u8]) -> (Vec<Record<'_>>, Ending) {
         if rest.len() < HEADER_BYTES {
             return (records, Ending::Torn { offset });
         }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&rest[8..16]);
-        let seq = u64::from_le_bytes(seq_bytes);
-        let Some(payload) = rest.get(HEADER_BYTES..HEADER_BYTES + len) else {
+        let word = |range: std::ops::Range<usize>| {
+            let mut bytes = [0u8; 8];
+            bytes[..range.len()].copy_from_slice(&rest[range]);
+            u64::from_le_bytes(bytes)
+        };
+        let (len, crc, seq) = (word(0..8), word(8..12) as u32, word(12..20));
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| HEADER_BYTES.checked_add(len))
+            .filter(|&size| size <= rest.len());
+        let Some(size) = end else {
             return (records, Ending::Torn { offset });
         };
-        let end = at + HEADER_BYTES + len;
+        let payload = &rest[HEADER_BYTES..size];
+        let end = at + size;
         if checksum(seq, payload) != crc {
             let ending = if end == bytes.len() {
                 Ending::Torn { offset }
@@ -153,7 +151,7 @@ mod tests {
     fn segment(records: &[(u64, &[u8])]) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         for (seq, payload) in records {
-            encode(*seq, payload, &mut out).unwrap();
+            encode(*seq, payload, &mut out);
         }
         out
     }

@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 use super::frame::{self, Ending, MAGIC};
 use super::{FsyncPolicy, PersistError, Position, Result};
 
+/// Records from this size on are written from their own buffer rather than copied into the
+/// group's.
+const DIRECT_BYTES: usize = 1 << 20;
+
 /// How the log writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalOptions {
@@ -471,13 +475,24 @@ impl Writer {
             return Err("the write-ahead log failed earlier; restart to recover".into());
         }
         self.buffer.clear();
+        let mut written = Ok(());
+        let mut len = 0u64;
         for (i, (payload, _)) in appends.iter().enumerate() {
-            frame::encode(first + i as u64, payload, &mut self.buffer)
-                .map_err(|e| e.to_string())?;
+            let seq = first + i as u64;
+            len += (frame::HEADER_BYTES + payload.len()) as u64;
+            if payload.len() < DIRECT_BYTES {
+                frame::encode(seq, payload, &mut self.buffer);
+                continue;
+            }
+            // A large record (an import) is written from where it is, not copied first.
+            frame::encode_header(seq, payload, &mut self.buffer);
+            written = written
+                .and_then(|()| self.file.write_all(&self.buffer))
+                .and_then(|()| self.file.write_all(payload));
+            self.buffer.clear();
         }
-        let written = self
-            .file
-            .write_all(&self.buffer)
+        let written = written
+            .and_then(|()| self.file.write_all(&self.buffer))
             .and_then(|()| self.file.sync_data());
         self.last_sync = Instant::now();
         if let Err(error) = written {
@@ -485,7 +500,6 @@ impl Writer {
             tracing::error!(%error, "write-ahead log write failed; no further write is acknowledged");
             return Err(format!("write-ahead log: {error}"));
         }
-        let len = self.buffer.len() as u64;
         self.shared.bytes.fetch_add(len, Ordering::Relaxed);
         if let Ok(mut segments) = self.shared.segments.lock() {
             if let Some(open) = segments.last_mut() {
@@ -598,6 +612,39 @@ mod tests {
         );
         wal.close();
         assert_eq!(read_all(&dir, false).unwrap().0.len(), 51);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn large_records_are_written_in_place_between_small_ones() {
+        let dir = temp_dir("large");
+        let wal = Arc::new(Wal::open(&dir, 1, WalOptions::default()).unwrap());
+        let large: Vec<u8> = (0..DIRECT_BYTES * 3 + 5).map(|i| (i % 251) as u8).collect();
+        let payloads = [
+            b"small".to_vec(),
+            large,
+            b"after".to_vec(),
+            vec![7; DIRECT_BYTES],
+        ];
+        let tasks: Vec<_> = payloads
+            .iter()
+            .map(|p| {
+                let (wal, p) = (wal.clone(), p.clone());
+                tokio::spawn(async move { wal.append(p).await })
+            })
+            .collect();
+        let mut by_seq = Vec::new();
+        for (task, payload) in tasks.into_iter().zip(&payloads) {
+            by_seq.push((task.await.unwrap().unwrap().major, payload.clone()));
+        }
+        by_seq.sort();
+        wal.close();
+        assert_eq!(read_all(&dir, false).unwrap().0, by_seq);
+        assert_eq!(
+            wal.bytes(),
+            std::fs::metadata(segment_path(&dir, 1)).unwrap().len(),
+            "the size kept matches the file"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

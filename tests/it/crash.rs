@@ -37,8 +37,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often health and process state are polled while waiting.
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// The magic and the record header of a log segment (`src/persist/frame.rs`).
-const LOG_MAGIC: &[u8] = b"AUDLOG01";
-const RECORD_HEADER: usize = 16;
+const LOG_MAGIC: &[u8] = b"AUDLOG02";
+const RECORD_HEADER: usize = 20;
 /// Bytes per checksummed block of a snapshot file.
 const SNAPSHOT_BLOCK: u64 = 1 << 20;
 
@@ -383,7 +383,7 @@ fn log_records(bytes: &[u8]) -> Vec<(usize, &[u8])> {
     let mut records = Vec::new();
     let mut at = LOG_MAGIC.len();
     while at + RECORD_HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as usize;
         let end = at + RECORD_HEADER + len;
         if end > bytes.len() {
             break;

@@ -451,3 +451,64 @@ async fn a_watch_token_resumes_after_a_restart_where_nothing_was_missed() {
     drop(engine);
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+/// Whether any file under `dir` holds `needle`.
+fn any_file_holds(dir: &Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            return any_file_holds(&path, needle);
+        }
+        std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erasure_clock_of_a_delete_survives_a_restart() {
+    let dir = temp_dir("erasure-restart");
+    let clock = FixedClock::new(JAN_1_2026);
+    let open_with_erasure = || async {
+        let engine = Arc::new(Engine::new(Limits::default(), clock.clone()));
+        let options = DurableOptions {
+            erasure_max_age: Duration::from_secs(2),
+            ..options(&dir)
+        };
+        engine.open_durable(options).await.expect("recovery");
+        engine
+    };
+    let engine = open_with_erasure().await;
+    for user in ["erase-me-4c1d", "keep-me-9a7e"] {
+        engine
+            .apply("default", us_user(user))
+            .await
+            .expect("upsert");
+    }
+    engine
+        .apply("default", Change::DeleteUsers(vec!["erase-me-4c1d".into()]))
+        .await
+        .expect("delete");
+    assert!(
+        any_file_holds(&dir, b"erase-me-4c1d"),
+        "the delete is on disk"
+    );
+    // Restarted before any snapshot: the delete's age is read back from the log.
+    drop(engine);
+    let engine = open_with_erasure().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while any_file_holds(&dir, b"erase-me-4c1d") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted bytes stayed on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        any_file_holds(&dir, b"keep-me-9a7e"),
+        "live users stay on disk"
+    );
+    drop(engine);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
