@@ -20,7 +20,7 @@ use super::state::DatasetState;
 use super::{feed, snapshot, transaction, Dataset, Engine};
 use crate::persist::snapshot::{self as snapshot_dir, SnapshotWriter};
 use crate::persist::wal::{self, Wal, WalOptions};
-use crate::persist::{PersistError, Position};
+use crate::persist::{DirLock, PersistError, Position};
 use crate::time::Millis;
 
 /// How the embedded store is kept.
@@ -59,8 +59,12 @@ pub(super) struct Journal {
 /// Where records and snapshots go.
 #[derive(Debug)]
 pub(super) enum Backend {
-    /// A data directory of this server.
-    Local { wal: Wal, data_dir: PathBuf },
+    /// A data directory of this server, held with a lock.
+    Local {
+        wal: Wal,
+        data_dir: PathBuf,
+        _lock: DirLock,
+    },
     /// Redis, shared with other replicas.
     Shared(Box<super::replica::Shared>),
 }
@@ -272,6 +276,7 @@ impl Engine {
     /// unusable directory; an engine that is durable already.
     pub async fn open_durable(self: &Arc<Self>, options: DurableOptions) -> Result<RecoveryReport> {
         let started = Instant::now();
+        let lock = DirLock::acquire(&options.data_dir)?;
         // A caller that marked the engine loading (the server) ends the load itself.
         let was_loading = self.progress.loading().is_some();
         let engine = self.clone();
@@ -284,6 +289,7 @@ impl Engine {
         let backend = Backend::Local {
             wal,
             data_dir: options.data_dir.clone(),
+            _lock: lock,
         };
         let log_name = std::fs::canonicalize(&options.data_dir)
             .unwrap_or_else(|_| options.data_dir.clone())
@@ -358,7 +364,7 @@ impl Engine {
         let _one = journal.snapshotting.lock().await;
         let started = Instant::now();
         let (wal, data_dir) = match &journal.backend {
-            Backend::Local { wal, data_dir } => (wal, data_dir),
+            Backend::Local { wal, data_dir, .. } => (wal, data_dir),
             Backend::Shared(shared) => {
                 return self
                     .snapshot_shared(journal, shared, only, progress, started)

@@ -56,9 +56,10 @@ fn storage_code(error: &crate::persist::PersistError) -> Code {
         PersistError::Unavailable(_) | PersistError::Closed | PersistError::Conflict => {
             Code::Unavailable
         }
-        PersistError::Io { .. } | PersistError::Corrupt { .. } | PersistError::Format(_) => {
-            Code::Internal
-        }
+        PersistError::Io { .. }
+        | PersistError::Corrupt { .. }
+        | PersistError::Format(_)
+        | PersistError::Locked(_) => Code::Internal,
     }
 }
 

@@ -96,6 +96,9 @@ pub enum PersistError {
     Conflict,
     #[error("storage closed")]
     Closed,
+    /// Another process (or engine) has the data directory open.
+    #[error("{0}: the data directory is in use by another server")]
+    Locked(PathBuf),
 }
 
 impl PersistError {
@@ -104,6 +107,35 @@ impl PersistError {
         PersistError::Io {
             path: path.into(),
             source,
+        }
+    }
+}
+
+/// An exclusive hold on a data directory for as long as it lives, so that two servers never
+/// write the same log and snapshots.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes `DIR/LOCK` (created if needed) without waiting.
+    ///
+    /// # Errors
+    /// The directory cannot be created, or another holder has it ([`PersistError::Locked`]).
+    pub fn acquire(dir: &std::path::Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| PersistError::io(dir, e))?;
+        let path = dir.join("LOCK");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| PersistError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(PersistError::Locked(dir.to_owned())),
+            Err(std::fs::TryLockError::Error(e)) => Err(PersistError::io(&path, e)),
         }
     }
 }
@@ -134,5 +166,24 @@ impl std::str::FromStr for FsyncPolicy {
                 "'{other}' is not an fsync policy: use always or interval"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_has_one_holder_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("audience-lock-{}", std::process::id()));
+        let first = DirLock::acquire(&dir).unwrap();
+        assert!(matches!(
+            DirLock::acquire(&dir),
+            Err(PersistError::Locked(_))
+        ));
+        drop(first);
+        let again = DirLock::acquire(&dir).unwrap();
+        drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,11 +10,11 @@ use std::time::Duration;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use audience::engine::{
     AttributeChange, AttributeValue, Change, ChangeOp, DatasetState, DurableOptions, Engine,
-    EventRecord, ImportBatch, Limits, SegmentDefinition, UserUpdate,
+    EngineError, EventRecord, ImportBatch, Limits, SegmentDefinition, UserUpdate,
 };
 use audience::index::{Attribute, AttributeKind};
 use audience::persist::wal::WalOptions;
-use audience::persist::FsyncPolicy;
+use audience::persist::{FsyncPolicy, PersistError};
 use audience::rng::SplitMix64 as SplitMix;
 
 use crate::harness::{FixedClock, JAN_1_2026};
@@ -48,20 +48,34 @@ fn options(dir: &Path) -> DurableOptions {
             interval: Duration::from_millis(1),
             segment_bytes: 64 * 1024,
         },
-        // Snapshots only where the test takes them.
+        // Snapshots only where the test takes them (the test clock runs days ahead, so deletes
+        // would otherwise look due for erasure at every restart).
         snapshot_log_bytes: u64::MAX,
-        erasure_max_age: Duration::from_secs(86_400),
+        erasure_max_age: Duration::from_secs(3650 * 86_400),
         repair: false,
     }
 }
 
+/// A durable engine on `dir`, once the engine dropped before it (whose background snapshot
+/// may still hold it for a moment) has let go of the directory.
 async fn open(dir: &Path, clock: &Arc<FixedClock>) -> Arc<Engine> {
-    let engine = Arc::new(Engine::new(Limits::default(), clock.clone()));
-    engine
-        .open_durable(options(dir))
-        .await
-        .expect("recovery succeeds");
-    engine
+    open_with(dir, clock, options(dir)).await
+}
+
+async fn open_with(dir: &Path, clock: &Arc<FixedClock>, options: DurableOptions) -> Arc<Engine> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let engine = Arc::new(Engine::new(Limits::default(), clock.clone()));
+        match engine.open_durable(options.clone()).await {
+            Ok(_) => return engine,
+            Err(EngineError::Storage(PersistError::Locked(_)))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("recovery of {} fails: {error}", dir.display()),
+        }
+    }
 }
 
 /// Everything observable about one dataset, user by user, in dense-id order.
@@ -470,15 +484,11 @@ fn any_file_holds(dir: &Path, needle: &[u8]) -> bool {
 async fn the_erasure_clock_of_a_delete_survives_a_restart() {
     let dir = temp_dir("erasure-restart");
     let clock = FixedClock::new(JAN_1_2026);
-    let open_with_erasure = || async {
-        let engine = Arc::new(Engine::new(Limits::default(), clock.clone()));
-        let options = DurableOptions {
-            erasure_max_age: Duration::from_secs(2),
-            ..options(&dir)
-        };
-        engine.open_durable(options).await.expect("recovery");
-        engine
+    let erasure = DurableOptions {
+        erasure_max_age: Duration::from_secs(2),
+        ..options(&dir)
     };
+    let open_with_erasure = || open_with(&dir, &clock, erasure.clone());
     let engine = open_with_erasure().await;
     for user in ["erase-me-4c1d", "keep-me-9a7e"] {
         engine
