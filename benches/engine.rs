@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,26 +18,17 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch, Scalar, StringArray};
 use arrow_buffer::BooleanBuffer;
 use audience::engine::import::open_file;
-use audience::engine::{Audience, Change, DatasetState, ImportBatch, SegmentDefinition};
+use audience::engine::{Audience, Change, DatasetState, ImportBatch};
 use audience::rng::SplitMix64;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use common::{env_u64, resident_bytes, truthy};
+use common::{env_u64, resident_bytes, truthy, wanted};
 
 const SEED: u64 = 42;
 const AS_OF: i64 = audience::demo::DEMO_EPOCH;
 
 fn users() -> u64 {
     env_u64("AUDIENCE_BENCH_USERS", 10_000_000)
-}
-
-/// Whether a group should run: `AUDIENCE_BENCH_GROUPS=count,import` runs only those (each
-/// group's set-up is skipped too, which criterion's own filter cannot do).
-fn wanted(group: &str) -> bool {
-    match std::env::var("AUDIENCE_BENCH_GROUPS") {
-        Ok(groups) => groups.split(',').any(|g| g.trim() == group),
-        Err(_) => true,
-    }
 }
 
 fn import(state: &mut DatasetState, batches: impl Iterator<Item = RecordBatch>) {
@@ -100,33 +90,7 @@ fn arrow_scan_3(columns: &[(ArrayRef, ArrayRef, ArrayRef)]) -> usize {
 }
 
 fn segments(state: &mut DatasetState, count: usize) {
-    let countries: Vec<&str> = audience::demo::COUNTRIES.iter().map(|(c, _)| *c).collect();
-    let mut rng = SplitMix64::new(7);
-    for i in 0..count {
-        let country = countries[rng.below(countries.len() as u64) as usize];
-        let interest =
-            audience::demo::INTERESTS[rng.below(audience::demo::INTERESTS.len() as u64) as usize];
-        let low = 13 + rng.below(50);
-        let text = match i % 4 {
-            0 => format!(r#"country = "{country}" AND interests HAS "{interest}""#),
-            1 => format!(r#"age BETWEEN {low} AND {} AND device = "ios""#, low + 10),
-            2 => {
-                format!(r#"interests HAS "{interest}" AND NOT subscriber = TRUE AND age >= {low}"#)
-            }
-            _ => format!(
-                r#"country != "{country}" AND lifetime_spend > {}"#,
-                rng.below(3_000)
-            ),
-        };
-        let definition = SegmentDefinition {
-            id: format!("segment-{i:04}"),
-            name: text.clone(),
-            description: String::new(),
-            labels: BTreeMap::new(),
-            expression: audience::expr::parse(&text).expect("segment parses"),
-            created_at: AS_OF,
-            updated_at: AS_OF,
-        };
+    for definition in common::segment_definitions(count, AS_OF) {
         state
             .apply(&Change::CreateSegment(definition), AS_OF)
             .expect("segment");
