@@ -398,6 +398,7 @@ impl Engine {
             let handle = self.dataset(&name)?;
             // A write in flight has logged its record but not yet published its version.
             let _writer = handle.writer.lock().await;
+            handle.pipeline.drain().await;
             versions.push((name, Version::Fresh(handle.current())));
         }
         let created_at = self.now();

@@ -26,6 +26,7 @@ pub mod event_import;
 pub mod events;
 pub mod feed;
 pub mod import;
+pub mod pipeline;
 pub mod plan;
 pub mod query;
 pub mod record;
@@ -123,6 +124,8 @@ struct Dataset {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Segment transitions of recent versions, appended in publish order under `writer`.
     feed: feed::Feed,
+    /// Versions whose records are being made durable (embedded mode), published in log order.
+    pipeline: pipeline::Pipeline,
 }
 
 impl Dataset {
@@ -140,6 +143,16 @@ impl Dataset {
         let transitions = std::mem::take(&mut state.transitions);
         let log = state.log_position;
         let state = Arc::new(state);
+        match self.current.write() {
+            Ok(mut current) => *current = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+        self.feed.append(transitions, log, bounds);
+    }
+
+    /// Publishes a version of the pipeline and feeds its transitions, in log order.
+    fn publish_ready(&self, (state, transitions): pipeline::Ready, bounds: feed::FeedBounds) {
+        let log = state.log_position;
         match self.current.write() {
             Ok(mut current) => *current = state,
             Err(poisoned) => *poisoned.into_inner() = state,
@@ -304,7 +317,12 @@ impl Engine {
                 Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(name)?, None),
                 _ => self.dataset_or_new(name)?,
             };
-            let _writer = handle.writer.lock().await;
+            let writer = handle.writer.lock().await;
+            if let (Some(wal), None) = (self.local_wal(), &pending) {
+                return self
+                    .apply_pipelined(name, &handle, writer, &change, wal)
+                    .await;
+            }
             let mut state = DatasetState::clone(&handle.current());
             let now = self.now();
             let is_delete = matches!(change, Change::DeleteUsers(_));

@@ -104,6 +104,8 @@ impl Engine {
     pub async fn begin_import(self: &Arc<Self>, dataset: &str) -> Result<Import> {
         let (handle, pending) = self.dataset_or_new(dataset)?;
         let guard = handle.writer.clone().lock_owned().await;
+        // Writes still being made durable publish first: the import starts from the newest.
+        handle.pipeline.drain().await;
         let state = DatasetState::clone(&handle.current());
         let now = self.now();
         Ok(Import {

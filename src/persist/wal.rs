@@ -62,7 +62,7 @@ struct Shared {
     segments: Mutex<Vec<Segment>>,
     /// Bytes in every segment on disk.
     bytes: AtomicU64,
-    /// The next sequence number to assign.
+    /// The sequence number after the last record written.
     next_seq: AtomicU64,
     /// Set after a failed write or sync: what reached the disk is unknown, so nothing more is
     /// acknowledged until a restart recovers the log.
@@ -71,6 +71,7 @@ struct Shared {
 
 enum Request {
     Append {
+        seq: u64,
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<u64>>,
     },
@@ -79,11 +80,23 @@ enum Request {
     },
 }
 
+/// Where appends queue, and the sequence number the next one gets: assigned and sent under one
+/// lock, so that numbers follow the queue order.
+#[derive(Debug)]
+struct Submitter {
+    sender: Option<Sender<Request>>,
+    next_seq: u64,
+}
+
+/// A record handed to the log: its sequence number, known at once, and the answer once it is
+/// durable.
+pub type Submitted = (u64, oneshot::Receiver<Result<u64>>);
+
 /// The open log.
 #[derive(Debug)]
 pub struct Wal {
     dir: PathBuf,
-    requests: Mutex<Option<Sender<Request>>>,
+    requests: Mutex<Submitter>,
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -302,7 +315,10 @@ impl Wal {
             .map_err(|e| PersistError::io(dir, e))?;
         Ok(Self {
             dir: dir.to_owned(),
-            requests: Mutex::new(Some(sender)),
+            requests: Mutex::new(Submitter {
+                sender: Some(sender),
+                next_seq,
+            }),
             shared,
             thread: Mutex::new(Some(thread)),
         })
@@ -311,22 +327,54 @@ impl Wal {
     fn send(&self, request: Request) -> Result<()> {
         let guard = self.requests.lock().map_err(|_| PersistError::Closed)?;
         guard
+            .sender
             .as_ref()
             .ok_or(PersistError::Closed)?
             .send(request)
             .map_err(|_| PersistError::Closed)
     }
 
-    /// Appends one record; returns its position once it is durable (per the fsync policy).
+    /// Queues one record and returns its sequence number at once, with the answer that comes
+    /// once it is durable: a writer can go on (and the next one queue after it) while the sync
+    /// runs, so that records of one dataset share syncs too.
+    ///
+    /// # Errors
+    /// A closed log.
+    pub fn submit(&self, payload: Vec<u8>) -> Result<Submitted> {
+        let (reply, done) = oneshot::channel();
+        let mut submitter = self.requests.lock().map_err(|_| PersistError::Closed)?;
+        let seq = submitter.next_seq;
+        submitter
+            .sender
+            .as_ref()
+            .ok_or(PersistError::Closed)?
+            .send(Request::Append {
+                seq,
+                payload,
+                reply,
+            })
+            .map_err(|_| PersistError::Closed)?;
+        submitter.next_seq += 1;
+        Ok((seq, done))
+    }
+
+    /// Waits for a submitted record to be durable.
     ///
     /// # Errors
     /// The log failed earlier or fails now; the record may or may not be on disk, and the
     /// caller must not acknowledge its write.
-    pub async fn append(&self, payload: Vec<u8>) -> Result<Position> {
-        let (reply, done) = oneshot::channel();
-        self.send(Request::Append { payload, reply })?;
+    pub async fn durable(done: oneshot::Receiver<Result<u64>>) -> Result<Position> {
         let seq = done.await.map_err(|_| PersistError::Closed)??;
         Ok(Position::seq(seq))
+    }
+
+    /// Appends one record; returns its position once it is durable (per the fsync policy).
+    ///
+    /// # Errors
+    /// As [`Wal::durable`].
+    pub async fn append(&self, payload: Vec<u8>) -> Result<Position> {
+        let (_, done) = self.submit(payload)?;
+        Self::durable(done).await
     }
 
     /// Closes the open segment and starts a new one; returns the first sequence number of the
@@ -377,7 +425,7 @@ impl Wal {
     /// Stops the writer after the records already queued.
     pub fn close(&self) {
         if let Ok(mut requests) = self.requests.lock() {
-            requests.take();
+            requests.sender.take();
         }
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = thread.join();
@@ -390,6 +438,9 @@ impl Drop for Wal {
         self.close();
     }
 }
+
+/// A queued record: sequence number, payload, and where its answer goes.
+type Append = (u64, Vec<u8>, oneshot::Sender<Result<u64>>);
 
 /// The thread that owns the open segment.
 struct Writer {
@@ -410,7 +461,11 @@ impl Writer {
             let mut appends = Vec::new();
             for request in group {
                 match request {
-                    Request::Append { payload, reply } => appends.push((payload, reply)),
+                    Request::Append {
+                        seq,
+                        payload,
+                        reply,
+                    } => appends.push((seq, payload, reply)),
                     Request::Rotate { reply } => {
                         self.commit(std::mem::take(&mut appends));
                         let _ = reply.send(self.rotate());
@@ -441,20 +496,17 @@ impl Writer {
     }
 
     /// Writes and syncs a group of records, then answers each.
-    fn commit(&mut self, appends: Vec<(Vec<u8>, oneshot::Sender<Result<u64>>)>) {
-        if appends.is_empty() {
+    fn commit(&mut self, appends: Vec<Append>) {
+        let Some(last) = appends.last().map(|(seq, _, _)| *seq) else {
             return;
-        }
-        let first = self.shared.next_seq.load(Ordering::Relaxed);
-        let result = self.write_group(first, &appends);
+        };
+        let result = self.write_group(&appends);
         if result.is_ok() {
-            self.shared
-                .next_seq
-                .store(first + appends.len() as u64, Ordering::Relaxed);
+            self.shared.next_seq.store(last + 1, Ordering::Relaxed);
         }
-        for (i, (_, reply)) in appends.into_iter().enumerate() {
+        for (seq, _, reply) in appends {
             let answer = match &result {
-                Ok(()) => Ok(first + i as u64),
+                Ok(()) => Ok(seq),
                 Err(message) => Err(PersistError::Unavailable(message.clone())),
             };
             let _ = reply.send(answer);
@@ -466,19 +518,15 @@ impl Writer {
         }
     }
 
-    fn write_group(
-        &mut self,
-        first: u64,
-        appends: &[(Vec<u8>, oneshot::Sender<Result<u64>>)],
-    ) -> std::result::Result<(), String> {
+    fn write_group(&mut self, appends: &[Append]) -> std::result::Result<(), String> {
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err("the write-ahead log failed earlier; restart to recover".into());
         }
         self.buffer.clear();
         let mut written = Ok(());
         let mut len = 0u64;
-        for (i, (payload, _)) in appends.iter().enumerate() {
-            let seq = first + i as u64;
+        for (seq, payload, _) in appends {
+            let seq = *seq;
             len += (frame::HEADER_BYTES + payload.len()) as u64;
             if payload.len() < DIRECT_BYTES {
                 frame::encode(seq, payload, &mut self.buffer);
