@@ -59,9 +59,12 @@ impl Pipeline {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The version the next write applies to: the newest applied one, or `published`.
-    pub(super) fn base(&self, published: Arc<DatasetState>) -> Arc<DatasetState> {
-        self.lock().tip.clone().unwrap_or(published)
+    /// The version the next write applies to: the newest applied one, or the published one.
+    /// `published` is read under the queue's lock, the lock versions are published under, so
+    /// that a version published (and its tip cleared) just now is not missed.
+    pub(super) fn base(&self, published: impl FnOnce() -> Arc<DatasetState>) -> Arc<DatasetState> {
+        let queue = self.lock();
+        queue.tip.clone().unwrap_or_else(published)
     }
 
     /// Queues a version whose record was handed to the log as `seq`; called under the writer
@@ -155,7 +158,7 @@ impl super::Engine {
         wal: &crate::persist::wal::Wal,
     ) -> super::Result<super::ChangeOutcome> {
         use super::error::EngineError;
-        let mut state = DatasetState::clone(&handle.pipeline.base(handle.current()));
+        let mut state = DatasetState::clone(&handle.pipeline.base(|| handle.current()));
         let (now, dataset, record) = (self.now(), name.to_owned(), change.clone());
         let (mut state, outcome, bytes) = tokio::task::spawn_blocking(move || {
             let outcome = state.apply(&record, now)?;

@@ -538,7 +538,7 @@ async fn concurrent_writers_of_one_dataset_share_syncs_and_recover_in_log_order(
             tokio::spawn(async move {
                 let mut rng = SplitMix::new(writer + 100);
                 let mut acknowledged = 0;
-                for _ in 0..40 {
+                for _ in 0..150 {
                     let change = match rng.below(4) {
                         0 => random_events(&mut rng, JAN_1_2026),
                         1 => Change::DeleteUsers(vec![user(&mut rng)]),
