@@ -175,6 +175,7 @@ fn durable_options(dir: &Path, policy: FsyncPolicy) -> DurableOptions {
         },
         // The bench writes its snapshots itself, never in the middle of a measurement.
         snapshot_log_bytes: u64::MAX,
+        snapshot_log_records: u64::MAX,
         erasure_max_age: Duration::from_secs(24 * 3600),
         repair: false,
     }

@@ -43,6 +43,8 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     /// A snapshot is written in the background once the log holds this many bytes.
     pub snapshot_log_bytes: u64,
+    /// ... or this many records: a restart replays each at the cost of a write.
+    pub snapshot_log_records: u64,
     /// The longest, in seconds, that a deleted user's bytes stay in the log or a snapshot.
     pub erasure_max_age_secs: u64,
     /// Users of generated demo data to load at start (0: none).
@@ -73,6 +75,7 @@ impl Default for Config {
             fsync_interval_ms: 10,
             wal_segment_bytes: 64 << 20,
             snapshot_log_bytes: 256 << 20,
+            snapshot_log_records: 10_000,
             erasure_max_age_secs: 24 * 3600,
             demo_users: 0,
             demo_events: 0,
@@ -165,6 +168,10 @@ impl Config {
             (
                 self.snapshot_log_bytes >= 64 * 1024,
                 "snapshot_log_bytes must be at least 65536",
+            ),
+            (
+                self.snapshot_log_records > 0,
+                "snapshot_log_records must be positive",
             ),
             (
                 self.erasure_max_age_secs > 0,

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Log bytes after which a snapshot is written in the background.
     #[arg(long, env = "AUDIENCE_SNAPSHOT_LOG_BYTES")]
     snapshot_log_bytes: Option<u64>,
+    /// Log records after which a snapshot is written in the background.
+    #[arg(long, env = "AUDIENCE_SNAPSHOT_LOG_RECORDS")]
+    snapshot_log_records: Option<u64>,
     /// Seconds within which a deleted user's bytes leave every log and snapshot file.
     #[arg(long, env = "AUDIENCE_ERASURE_MAX_AGE_SECS")]
     erasure_max_age_secs: Option<u64>,
@@ -103,6 +106,9 @@ impl ServeArgs {
         }
         if let Some(bytes) = self.snapshot_log_bytes {
             config.snapshot_log_bytes = bytes;
+        }
+        if let Some(records) = self.snapshot_log_records {
+            config.snapshot_log_records = records;
         }
         if let Some(secs) = self.erasure_max_age_secs {
             config.erasure_max_age_secs = secs;
@@ -210,6 +216,7 @@ fn durable_options(config: &Config, repair: bool) -> Option<DurableOptions> {
             segment_bytes: config.wal_segment_bytes,
         },
         snapshot_log_bytes: config.snapshot_log_bytes,
+        snapshot_log_records: config.snapshot_log_records,
         erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
         repair,
     })
@@ -221,6 +228,7 @@ fn shared_options(config: &Config) -> Option<SharedOptions> {
         url: config.redis_url.clone()?,
         prefix: config.redis_prefix.clone(),
         snapshot_log_bytes: config.snapshot_log_bytes,
+        snapshot_log_records: config.snapshot_log_records,
         erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
     })
 }

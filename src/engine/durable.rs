@@ -31,6 +31,8 @@ pub struct DurableOptions {
     pub wal: WalOptions,
     /// A snapshot is written in the background once the log holds this many bytes.
     pub snapshot_log_bytes: u64,
+    /// ... or this many records (each replays at the cost of a write at restart).
+    pub snapshot_log_records: u64,
     /// The longest a deleted user's bytes stay in the log or a snapshot: a snapshot is written
     /// once the oldest delete it would cover is this old.
     pub erasure_max_age: Duration,
@@ -45,8 +47,11 @@ pub(super) struct Journal {
     /// Names the log in watch tokens (a hash of the data directory or the Redis prefix), so
     /// that a token of another deployment is refused.
     pub(super) log_id: u64,
-    /// A snapshot is due once this many log bytes are not in one.
+    /// A snapshot is due once this many log bytes, or records, are not in one.
     snapshot_log_bytes: u64,
+    snapshot_log_records: u64,
+    /// Records appended since the last snapshot began.
+    unsnapshotted_records: AtomicU64,
     erasure_max_age: Duration,
     /// One snapshot at a time.
     snapshotting: tokio::sync::Mutex<()>,
@@ -73,7 +78,7 @@ impl Journal {
     pub(super) fn new(
         backend: Backend,
         log_name: &str,
-        snapshot_log_bytes: u64,
+        (snapshot_log_bytes, snapshot_log_records): (u64, u64),
         erasure_max_age: Duration,
     ) -> Self {
         let log_id = log_name
@@ -85,6 +90,8 @@ impl Journal {
             backend,
             log_id,
             snapshot_log_bytes,
+            snapshot_log_records,
+            unsnapshotted_records: AtomicU64::new(0),
             erasure_max_age,
             snapshotting: tokio::sync::Mutex::new(()),
             oldest_delete: Mutex::new(None),
@@ -109,6 +116,14 @@ impl Journal {
         match &self.backend {
             Backend::Local { wal, .. } => wal.bytes(),
             Backend::Shared(shared) => shared.unsnapshotted_bytes(),
+        }
+    }
+
+    /// Counts a record made durable, for the snapshot triggers.
+    pub(super) fn note_appended(&self, is_delete: bool) {
+        self.unsnapshotted_records.fetch_add(1, Ordering::Relaxed);
+        if is_delete {
+            self.note_delete();
         }
     }
 
@@ -251,9 +266,7 @@ impl Engine {
         is_delete: bool,
     ) -> Result<Position> {
         let position = journal.append(dataset, expected, bytes).await?;
-        if is_delete {
-            journal.note_delete();
-        }
+        journal.note_appended(is_delete);
         Ok(position)
     }
 
@@ -298,7 +311,7 @@ impl Engine {
         let journal = Arc::new(Journal::new(
             backend,
             &log_name,
-            options.snapshot_log_bytes,
+            (options.snapshot_log_bytes, options.snapshot_log_records),
             options.erasure_max_age,
         ));
         if let Some(at) = report.oldest_delete {
@@ -381,6 +394,10 @@ impl Engine {
             true => journal.take_oldest_delete(),
             false => None,
         };
+        let covered_records = match full {
+            true => self.take_unsnapshotted_records(journal),
+            false => 0,
+        };
         let log_from = match &previous {
             Some(previous) => previous.manifest.log_from,
             None => wal.rotate().await?,
@@ -430,6 +447,7 @@ impl Engine {
             Ok(Ok(written)) => written,
             Ok(Err(error)) | Err(error) => {
                 journal.restore_oldest_delete(covered_deletes);
+                self.restore_unsnapshotted_records(journal, covered_records);
                 return Err(error);
             }
         };
@@ -462,6 +480,9 @@ impl Engine {
         if journal.unsnapshotted_bytes() >= journal.snapshot_log_bytes {
             return Some("the log grew past snapshot_log_bytes");
         }
+        if journal.unsnapshotted_records.load(Ordering::Relaxed) >= journal.snapshot_log_records {
+            return Some("the log grew past snapshot_log_records");
+        }
         let oldest = journal.oldest_delete.lock().ok().and_then(|o| *o)?;
         (oldest.elapsed() >= journal.erasure_max_age)
             .then_some("deleted users reached erasure_max_age")
@@ -479,6 +500,17 @@ impl Engine {
     /// Counts a snapshot written.
     pub(super) fn snapshot_written(&self, journal: &Journal) {
         journal.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Restarts the record count of the snapshot trigger (a snapshot is starting); the count
+    /// before, to put back if the snapshot fails.
+    pub(super) fn take_unsnapshotted_records(&self, journal: &Journal) -> u64 {
+        journal.unsnapshotted_records.swap(0, Ordering::Relaxed)
+    }
+
+    /// Puts back the count of a snapshot that failed.
+    pub(super) fn restore_unsnapshotted_records(&self, journal: &Journal, records: u64) {
+        journal.unsnapshotted_records.fetch_add(records, Ordering::Relaxed);
     }
 }
 

@@ -187,8 +187,8 @@ impl super::Engine {
         .await
         .map_err(|e| EngineError::Internal(format!("log task failed: {e}")))?;
         durable?;
-        if let (super::Change::DeleteUsers(_), Some(journal)) = (change, self.journal()) {
-            journal.note_delete();
+        if let Some(journal) = self.journal() {
+            journal.note_appended(matches!(change, super::Change::DeleteUsers(_)));
         }
         handle.pipeline.wait_settled(seq).await;
         Ok(outcome)

@@ -36,8 +36,10 @@ pub struct SharedOptions {
     pub url: String,
     /// Start of every key, so that several deployments can share one Redis.
     pub prefix: String,
-    /// A dataset is snapshotted once this many bytes of its records are not in a snapshot.
+    /// Datasets are snapshotted once this many bytes of records are not in a snapshot.
     pub snapshot_log_bytes: u64,
+    /// ... or this many records written by this replica.
+    pub snapshot_log_records: u64,
     /// The longest a deleted user's bytes stay in the log or a snapshot.
     pub erasure_max_age: Duration,
 }
@@ -149,7 +151,7 @@ impl Engine {
         let journal = Journal::new(
             Backend::Shared(Box::new(shared)),
             &format!("redis:{}", options.prefix),
-            options.snapshot_log_bytes,
+            (options.snapshot_log_bytes, options.snapshot_log_records),
             options.erasure_max_age,
         );
         if deleted {
@@ -290,6 +292,10 @@ impl Engine {
             .is_none()
             .then(|| journal.take_oldest_delete())
             .flatten();
+        let covered_records = match only {
+            None => self.take_unsnapshotted_records(journal),
+            Some(_) => 0,
+        };
         let mut bytes = 0;
         let mut freed = 0;
         for (index, name) in names.iter().enumerate() {
@@ -301,6 +307,7 @@ impl Engine {
                 }
                 Err(error) => {
                     journal.restore_oldest_delete(covered_deletes);
+                    self.restore_unsnapshotted_records(journal, covered_records);
                     return Err(error);
                 }
             }

@@ -51,6 +51,7 @@ fn options(dir: &Path) -> DurableOptions {
         // Snapshots only where the test takes them (the test clock runs days ahead, so deletes
         // would otherwise look due for erasure at every restart).
         snapshot_log_bytes: u64::MAX,
+        snapshot_log_records: u64::MAX,
         erasure_max_age: Duration::from_secs(3650 * 86_400),
         repair: false,
     }
