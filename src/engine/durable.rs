@@ -510,7 +510,9 @@ impl Engine {
 
     /// Puts back the count of a snapshot that failed.
     pub(super) fn restore_unsnapshotted_records(&self, journal: &Journal, records: u64) {
-        journal.unsnapshotted_records.fetch_add(records, Ordering::Relaxed);
+        journal
+            .unsnapshotted_records
+            .fetch_add(records, Ordering::Relaxed);
     }
 }
 
