@@ -104,7 +104,12 @@ impl Journal {
     ///
     /// # Errors
     /// The store cannot take it ([`PersistError::Conflict`]: another replica wrote first).
-    async fn append(&self, dataset: &str, expected: Position, bytes: Vec<u8>) -> Result<Position> {
+    pub(super) async fn append(
+        &self,
+        dataset: &str,
+        expected: Position,
+        bytes: Vec<u8>,
+    ) -> Result<Position> {
         Ok(match &self.backend {
             Backend::Local { wal, .. } => wal.append(bytes).await?,
             Backend::Shared(shared) => shared.append(dataset, expected, bytes).await?,
@@ -593,6 +598,7 @@ fn recover(
         progress.begin(1);
     }
     let wal_dir = options.data_dir.join("wal");
+    check_log_start(&wal_dir, log_from, options.repair, &mut report)?;
     let recovered = wal::recover(&wal_dir, options.repair, |seq, bytes| {
         let record = record::decode(bytes)?;
         if dropped_datasets.contains(&record.dataset) {
@@ -626,7 +632,49 @@ fn recover(
     states.retain(|_, state| state.version > 0 || state.log_position != Position::START);
     report.datasets = states.len();
     progress.advance(u64::MAX);
-    Ok((states, report, recovered.next_seq.max(log_from)))
+    // A snapshot's dataset may hold records after `log_from`; numbering never goes back below
+    // any of them, even when repair cut the log shorter.
+    let newest_held = states
+        .values()
+        .map(|s| s.log_position.major + 1)
+        .max()
+        .unwrap_or(1);
+    let next_seq = recovered.next_seq.max(log_from).max(newest_held);
+    Ok((states, report, next_seq))
+}
+
+/// The log must start at or before the first record the snapshot does not hold (record 1
+/// without a snapshot): a later start means records are missing (a log copied after a newer
+/// snapshot deleted segments, or files removed by hand).
+fn check_log_start(
+    wal_dir: &std::path::Path,
+    log_from: u64,
+    repair: bool,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    let Some((first, path)) = wal::first_segment(wal_dir)? else {
+        return Ok(());
+    };
+    if first <= log_from {
+        return Ok(());
+    }
+    let reason = format!(
+        "the log starts at record {first} but the snapshot holds only the records before \
+         {log_from}: records {log_from} to {} are missing",
+        first - 1
+    );
+    if !repair {
+        return Err(PersistError::Corrupt {
+            path,
+            offset: 0,
+            reason,
+        }
+        .into());
+    }
+    let message = format!("{}: {reason}; they are lost", path.display());
+    tracing::warn!("{message}");
+    report.dropped.push(message);
+    Ok(())
 }
 
 fn load_dataset(

@@ -312,12 +312,13 @@ impl Engine {
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
         self.check_change(&change)?;
         let name = dataset_name(dataset)?;
+        let mut conflicts = 0;
         loop {
             let (handle, pending) = match &change {
                 Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(name)?, None),
                 _ => self.dataset_or_new(name)?,
             };
-            let writer = handle.writer.lock().await;
+            let writer = handle.writer.clone().lock_owned().await;
             if let (Some(wal), None) = (self.local_wal(), &pending) {
                 return self
                     .apply_pipelined(name, &handle, writer, &change, wal)
@@ -328,7 +329,7 @@ impl Engine {
             let is_delete = matches!(change, Change::DeleteUsers(_));
             let change = change.clone();
             let logged = self.is_durable().then(|| name.to_owned());
-            let (mut state, outcome, bytes) = tokio::task::spawn_blocking(move || {
+            let (state, outcome, bytes) = tokio::task::spawn_blocking(move || {
                 let outcome = state.apply(&change, now)?;
                 let bytes = match logged {
                     Some(dataset) => Some(record::encode(&record::LogRecord {
@@ -350,28 +351,34 @@ impl Engine {
                     Err(other) => return Err(other),
                 }
             }
-            if let (Some(bytes), Some(journal)) = (bytes, self.journal()) {
-                let expected = state.log_position;
-                match self
-                    .log_bytes(journal, name, expected, bytes, is_delete)
-                    .await
-                {
-                    Ok(position) => state.log_position = position,
-                    Err(EngineError::Storage(crate::persist::PersistError::Conflict)) => {
-                        // Another replica wrote first: apply its records, then this change again.
-                        self.catch_up(name, &handle).await?;
-                        continue;
-                    }
-                    Err(error) => {
-                        if let Some(name) = &pending {
-                            unregister(&self.datasets, name, &handle);
-                        }
-                        return Err(error);
-                    }
+            let Some((bytes, journal)) = bytes.zip(self.journal.get().cloned()) else {
+                handle.publish(state, feed::FeedBounds::from(&self.limits));
+                return Ok(outcome);
+            };
+            // Once the record may be in the log, the version must be published even if the
+            // caller goes away: a task of its own logs and publishes it.
+            let logged = LoggedWrite {
+                journal,
+                handle: handle.clone(),
+                registry: self.datasets.clone(),
+                pending,
+                bounds: feed::FeedBounds::from(&self.limits),
+            };
+            let (dataset, writer) = (name.to_owned(), writer);
+            let result = tokio::spawn(logged.run(dataset, state, bytes, is_delete, writer))
+                .await
+                .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))?;
+            match result {
+                Ok(()) => return Ok(outcome),
+                Err((EngineError::Storage(crate::persist::PersistError::Conflict), Some(_writer))) => {
+                    // Another replica wrote first: apply its records, then this change again.
+                    conflicts += 1;
+                    check_conflicts(conflicts)?;
+                    self.catch_up(name, &handle).await?;
+                    continue;
                 }
+                Err((error, _)) => return Err(error),
             }
-            handle.publish(state, feed::FeedBounds::from(&self.limits));
-            return Ok(outcome);
         }
     }
 
@@ -497,6 +504,71 @@ type Pending = Option<String>;
 
 /// Every dataset by name.
 type Registry = Arc<RwLock<BTreeMap<String, Arc<Dataset>>>>;
+
+/// Conditional appends a write may lose to other replicas before it gives up.
+const MAX_CONFLICTS: u32 = 64;
+
+/// Refuses a write that keeps losing the race to the shared log (or a log that moved back, as
+/// after a Redis failover to a replica that lost records).
+///
+/// # Errors
+/// Past [`MAX_CONFLICTS`].
+fn check_conflicts(conflicts: u32) -> Result<()> {
+    if conflicts <= MAX_CONFLICTS {
+        return Ok(());
+    }
+    Err(EngineError::Storage(crate::persist::PersistError::Unavailable(format!(
+        "the shared log moved on {conflicts} times while this write waited; retry (or check \
+         that Redis did not lose records)"
+    ))))
+}
+
+/// The logging and publishing of one write, done by a task of its own.
+struct LoggedWrite {
+    journal: Arc<durable::Journal>,
+    handle: Arc<Dataset>,
+    registry: Registry,
+    /// The dataset this write created and registered, taken back if the record fails.
+    pending: Pending,
+    bounds: feed::FeedBounds,
+}
+
+/// A writer lock held across a task.
+type WriterGuard = tokio::sync::OwnedMutexGuard<()>;
+
+impl LoggedWrite {
+    /// Appends the record and publishes `state`; on a conflict (nothing was appended) hands
+    /// the writer lock back, so that the caller can catch up under it and try again.
+    async fn run(
+        self,
+        dataset: String,
+        mut state: DatasetState,
+        bytes: Vec<u8>,
+        is_delete: bool,
+        writer: WriterGuard,
+    ) -> std::result::Result<(), (EngineError, Option<WriterGuard>)> {
+        let expected = state.log_position;
+        match self.journal.append(&dataset, expected, bytes).await {
+            Ok(position) => {
+                self.journal.note_appended(is_delete);
+                state.log_position = position;
+                self.handle.publish(state, self.bounds);
+                drop(writer);
+                Ok(())
+            }
+            Err(EngineError::Storage(crate::persist::PersistError::Conflict)) => Err((
+                EngineError::Storage(crate::persist::PersistError::Conflict),
+                Some(writer),
+            )),
+            Err(error) => {
+                if let Some(name) = &self.pending {
+                    unregister(&self.registry, name, &self.handle);
+                }
+                Err((error, None))
+            }
+        }
+    }
+}
 
 /// Takes back a dataset registered by a first write that then failed to be logged.
 fn unregister(registry: &Registry, name: &str, handle: &Arc<Dataset>) {

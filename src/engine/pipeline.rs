@@ -153,7 +153,7 @@ impl super::Engine {
         &self,
         name: &str,
         handle: &Arc<super::Dataset>,
-        writer: tokio::sync::MutexGuard<'_, ()>,
+        writer: tokio::sync::OwnedMutexGuard<()>,
         change: &super::Change,
         wal: &crate::persist::wal::Wal,
     ) -> super::Result<super::ChangeOutcome> {
@@ -177,8 +177,13 @@ impl super::Engine {
         drop(writer);
         // Settled by a task of its own: a caller that goes away must not stall the queue.
         let (settler, bounds) = (handle.clone(), super::feed::FeedBounds::from(self.limits()));
+        let journal = self.journal.get().cloned();
+        let is_delete = matches!(change, super::Change::DeleteUsers(_));
         let durable = tokio::spawn(async move {
             let durable = crate::persist::wal::Wal::durable(done).await;
+            if let (Ok(_), Some(journal)) = (&durable, journal) {
+                journal.note_appended(is_delete);
+            }
             settler.pipeline.settle(seq, durable.is_ok(), |ready| {
                 settler.publish_ready(ready, bounds)
             });
@@ -187,9 +192,6 @@ impl super::Engine {
         .await
         .map_err(|e| EngineError::Internal(format!("log task failed: {e}")))?;
         durable?;
-        if let Some(journal) = self.journal() {
-            journal.note_appended(matches!(change, super::Change::DeleteUsers(_)));
-        }
         handle.pipeline.wait_settled(seq).await;
         Ok(outcome)
     }

@@ -23,8 +23,9 @@ use super::{feed, register, snapshot, Dataset, Engine, RecoveryReport};
 use crate::persist::redis::RedisStore;
 use crate::persist::{PersistError, Position};
 
-/// Records read from Redis per round trip.
-const READ_BATCH: usize = 256;
+/// Records read from Redis per round trip: records up to 1 MiB are inline, so this bounds a
+/// reply to a few tens of MiB, well inside the response timeout.
+const READ_BATCH: usize = 32;
 
 /// A replica this far behind the shared log says so in its log.
 const LAG_WARNING_SECS: f64 = 1.0;
@@ -269,7 +270,11 @@ impl Engine {
                     Err(other) => return Err(other),
                 }
             }
-            let _writer = handle.writer.lock().await;
+            // A dataset busy with a long import is caught up next round (the import's commit
+            // catches it up itself if the log moved): the others must not wait for it.
+            let Ok(_writer) = handle.writer.try_lock() else {
+                continue;
+            };
             self.catch_up(&name, &handle).await?;
         }
         Ok(())

@@ -20,7 +20,7 @@ use arrow_array::builder::{LargeBinaryBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType, UInt32Type};
 use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, LargeListArray, RecordBatch,
+    Array, ArrayRef, BooleanArray, LargeBinaryArray, Float64Array, Int64Array, LargeListArray, RecordBatch,
     StringArray, TimestampMillisecondArray, UInt32Array,
 };
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
@@ -123,7 +123,8 @@ pub fn from_files(
     let mut attributes = BTreeMap::new();
     for (name, kind) in &meta.attributes {
         let file = attribute_file_name(name);
-        let attribute = read_attribute(&read(&file)?, *kind).map_err(|e| format!("{file}: {e}"))?;
+        let attribute = read_attribute(&read(&file)?, *kind, meta.id_bound)
+            .map_err(|e| format!("{file}: {e}"))?;
         attributes.insert(name.clone(), Arc::new(attribute));
     }
     let events = read_events(&read("events.arrow")?, meta.event_cutoff)
@@ -322,7 +323,11 @@ fn numeric_file(kind: DataType, ids: Vec<u32>, values: ArrayRef) -> Result<Vec<u
     ipc_file(schema, &[batch])
 }
 
-fn read_attribute(bytes: &[u8], kind: AttributeKind) -> Result<Attribute, SnapshotError> {
+fn read_attribute(
+    bytes: &[u8],
+    kind: AttributeKind,
+    id_bound: u64,
+) -> Result<Attribute, SnapshotError> {
     let batches = read_ipc(bytes.to_vec())?;
     match kind {
         AttributeKind::Categorical => Ok(Attribute::Categorical(Categorical::from_value_bitmaps(
@@ -335,7 +340,7 @@ fn read_attribute(bytes: &[u8], kind: AttributeKind) -> Result<Attribute, Snapsh
             let mut attribute = BooleanAttribute::default();
             for batch in &batches {
                 let values = column::<BooleanArray>(batch, 0, "value")?;
-                let users = batch.column(1).as_binary::<i64>();
+                let users = column::<LargeBinaryArray>(batch, 1, "users")?;
                 for row in 0..batch.num_rows() {
                     let members = Arc::new(bitmap_from(users.value(row))?);
                     if values.value(row) {
@@ -348,15 +353,11 @@ fn read_attribute(bytes: &[u8], kind: AttributeKind) -> Result<Attribute, Snapsh
             Ok(Attribute::Boolean(attribute))
         }
         AttributeKind::Integer => Ok(Attribute::Integer(NumericColumn::from_rows(
-            &numeric_rows::<Int64Type>(&batches)?,
+            &numeric_rows::<Int64Type>(&batches, id_bound)?,
         ))),
-        AttributeKind::Float => Ok(Attribute::Float(NumericColumn::from_rows(&numeric_rows::<
-            Float64Type,
-        >(
-            &batches
-        )?))),
+        AttributeKind::Float => Ok(Attribute::Float(NumericColumn::from_rows(&numeric_rows::<Float64Type>(&batches, id_bound)?))),
         AttributeKind::Timestamp => Ok(Attribute::Timestamp(NumericColumn::from_rows(
-            &numeric_rows::<TimestampMillisecondType>(&batches)?,
+            &numeric_rows::<TimestampMillisecondType>(&batches, id_bound)?,
         ))),
     }
 }
@@ -365,10 +366,7 @@ fn string_bitmaps(batches: &[RecordBatch]) -> Result<Vec<(String, Bitmap)>, Snap
     let mut parts = Vec::new();
     for batch in batches {
         let values = column::<StringArray>(batch, 0, "value")?;
-        if batch.column(1).data_type() != &DataType::LargeBinary {
-            return Err("column 'users' is not LargeBinary".into());
-        }
-        let users = batch.column(1).as_binary::<i64>();
+        let users = column::<LargeBinaryArray>(batch, 1, "users")?;
         for row in 0..batch.num_rows() {
             parts.push((values.value(row).to_owned(), bitmap_from(users.value(row))?));
         }
@@ -379,7 +377,10 @@ fn string_bitmaps(batches: &[RecordBatch]) -> Result<Vec<(String, Bitmap)>, Snap
 /// `(user, value)` rows of a numeric attribute, as [`NumericColumn::from_rows`] takes them.
 type NumericRows<V> = Vec<(DenseId, Option<V>)>;
 
-fn numeric_rows<T>(batches: &[RecordBatch]) -> Result<NumericRows<T::Native>, SnapshotError>
+fn numeric_rows<T>(
+    batches: &[RecordBatch],
+    id_bound: u64,
+) -> Result<NumericRows<T::Native>, SnapshotError>
 where
     T: arrow_array::ArrowPrimitiveType,
 {
@@ -387,9 +388,13 @@ where
     for batch in batches {
         let ids = column::<UInt32Array>(batch, 0, "user")?;
         let values = batch
-            .column(1)
-            .as_primitive_opt::<T>()
-            .ok_or("column 1 ('value') is of the wrong type")?;
+            .columns()
+            .get(1)
+            .and_then(|c| c.as_primitive_opt::<T>())
+            .ok_or("column 1 ('value') is missing or of the wrong type")?;
+        if let Some(&id) = ids.values().iter().find(|&&id| u64::from(id) >= id_bound) {
+            return Err(format!("user {id} is beyond the {id_bound} ids of keys.arrow"));
+        }
         rows.extend(
             ids.values()
                 .iter()
@@ -438,10 +443,7 @@ fn read_segments(
         let ids = column::<StringArray>(&batch, 0, "id")?;
         let slot_column = column::<UInt32Array>(&batch, 1, "slot")?;
         let definitions = column::<StringArray>(&batch, 2, "definition")?;
-        let users = batch
-            .column(3)
-            .as_binary_opt::<i64>()
-            .ok_or("column 'users' is not LargeBinary")?;
+        let users = column::<LargeBinaryArray>(&batch, 3, "users")?;
         for row in 0..batch.num_rows() {
             let id = ids.value(row);
             let slot = slot_column.value(row) as usize;

@@ -217,6 +217,7 @@ impl Import {
     /// Logs the import's record; when another replica wrote to the dataset first, applies its
     /// records and the import again on top of them, and logs that.
     async fn log(&self, mut state: DatasetState, record: &LogRecord) -> Result<DatasetState> {
+        let mut conflicts = 0;
         loop {
             match self.engine.log(record, state.log_position).await {
                 Ok(position) => {
@@ -224,6 +225,8 @@ impl Import {
                     return Ok(state);
                 }
                 Err(EngineError::Storage(crate::persist::PersistError::Conflict)) => {
+                    conflicts += 1;
+                    super::check_conflicts(conflicts)?;
                     self.engine.catch_up(&self.name, &self.handle).await?;
                     let mut again = DatasetState::clone(&self.handle.current());
                     let RecordBody::Import(parts) = &record.body else {
@@ -246,7 +249,15 @@ impl Import {
     /// # Errors
     /// An import whose last batch failed, a log that cannot be written (nothing is published
     /// then), or a new dataset created by another write meanwhile (the caller may retry).
-    pub async fn commit(mut self) -> Result<ChangeOutcome> {
+    pub async fn commit(self) -> Result<ChangeOutcome> {
+        // Once its record may be in the log, a commit must publish it even if the caller goes
+        // away: a task of its own finishes it.
+        tokio::spawn(self.commit_now())
+            .await
+            .map_err(|e| EngineError::Internal(format!("import commit failed: {e}")))?
+    }
+
+    async fn commit_now(mut self) -> Result<ChangeOutcome> {
         if self.steps.as_ref().is_some_and(ImportSteps::has_staged) {
             return Err(EngineError::Internal(
                 "import committed with unsettled events".into(),

@@ -66,7 +66,24 @@ impl IngestApi {
 
 type ProgressStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImportProgress, Status>> + Send>>;
-type ProgressSender = mpsc::Sender<Result<pb::ImportProgress, Status>>;
+/// Where an import's progress goes, and whether it has reached its commit (after which a
+/// deadline no longer stops it: the commit completes, and the caller is told it may have).
+#[derive(Clone)]
+struct ProgressSender {
+    sender: mpsc::Sender<Result<pb::ImportProgress, Status>>,
+    committing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ProgressSender {
+    fn try_send(&self, message: Result<pb::ImportProgress, Status>) {
+        // A caller that stopped reading progress does not stop the import.
+        let _ = self.sender.try_send(message);
+    }
+
+    async fn send(&self, message: Result<pb::ImportProgress, Status>) {
+        let _ = self.sender.send(message).await;
+    }
+}
 
 /// What an import reads.
 #[derive(Debug, Clone)]
@@ -135,8 +152,7 @@ impl ImportRun {
         };
         applied.map_err(|e| to_status(e, &format!("rows {first_row}..{}", first_row + rows)))?;
         self.rows_read += rows;
-        // A caller that stopped reading progress does not stop the import.
-        let _ = self.progress.try_send(Ok(self.report(false)));
+        self.progress.try_send(Ok(self.report(false)));
         Ok(())
     }
 
@@ -156,6 +172,9 @@ impl ImportRun {
     async fn finish(mut self) -> Result<(), Status> {
         self.import.settle().await.map_err(|e| to_status(e, ""))?;
         let last = self.report(true);
+        self.progress
+            .committing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.import.commit().await.map_err(|e| to_status(e, ""))?;
         tracing::info!(
             rows = last.rows_read,
@@ -165,7 +184,7 @@ impl ImportRun {
             expired = last.events_expired,
             "import committed"
         );
-        let _ = self.progress.send(Ok(last)).await;
+        self.progress.send(Ok(last)).await;
         Ok(())
     }
 }
@@ -277,6 +296,22 @@ fn deadline<T>(request: &Request<T>) -> Option<tokio::time::Instant> {
 
 /// Runs an import task that reports its progress, and its failure, on the response stream.
 /// Past the caller's deadline the task is dropped, and with it the uncommitted import.
+/// The status of an import whose caller's deadline passed: before its commit nothing was
+/// applied; from its commit on, the commit completes on its own (it is logged and published
+/// whole or not at all), so the caller must look before retrying.
+fn deadline_passed(progress: &ProgressSender) -> Status {
+    if progress.committing.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!("the caller's deadline passed during the import's commit, which goes on");
+        Status::deadline_exceeded(
+            "the import passed its deadline while being committed: the commit completes on its \
+             own, so check the dataset before retrying",
+        )
+    } else {
+        tracing::info!("import abandoned at the caller's deadline");
+        Status::deadline_exceeded("the import passed its deadline; nothing was applied")
+    }
+}
+
 fn spawn_import<F>(
     deadline: Option<tokio::time::Instant>,
     work: impl FnOnce(ProgressSender) -> F,
@@ -285,22 +320,21 @@ where
     F: std::future::Future<Output = Result<(), Status>> + Send + 'static,
 {
     let (sender, receiver) = mpsc::channel(PROGRESS_BUFFER);
-    let task = work(sender.clone());
+    let progress = ProgressSender {
+        sender,
+        committing: Arc::default(),
+    };
+    let task = work(progress.clone());
     tokio::spawn(
         async move {
             let result = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, task)
                     .await
-                    .unwrap_or_else(|_| {
-                        tracing::info!("import abandoned at the caller's deadline");
-                        Err(Status::deadline_exceeded(
-                            "the import passed its deadline; nothing was applied",
-                        ))
-                    }),
+                    .unwrap_or_else(|_| Err(deadline_passed(&progress))),
                 None => task.await,
             };
             if let Err(status) = result {
-                let _ = sender.send(Err(status)).await;
+                progress.send(Err(status)).await;
             }
         }
         .instrument(tracing::Span::current()),

@@ -150,6 +150,17 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
     Ok(segments)
 }
 
+/// The first segment of the log in `dir` (its first record's number and its file), if any.
+///
+/// # Errors
+/// An unreadable directory.
+pub fn first_segment(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(list_segments(dir)?
+        .into_iter()
+        .next()
+        .map(|s| (s.first_seq, s.path)))
+}
+
 /// Reads every record of the log in `dir` in order, handing each to `visit`, and leaves the
 /// directory ready to append to: a torn tail is cut off (with a warning in `dropped`).
 ///
