@@ -14,28 +14,26 @@
 //! flight at a kill was applied shows in the list of all users.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use audience::grpc::pb;
 use audience::rng::SplitMix64;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-use crate::harness::{cut, ipc_stream_bytes, update, FixedClock, ServerOptions, TestServer};
+use crate::harness::{
+    cut, ipc_stream_bytes, now_ms, segment_audience, sorted, text, text_expr, timestamp, update,
+    FixedClock, ServerOptions, TestServer,
+};
+use crate::process::{Process, POLL_EVERY};
 
 /// How long a start (recovery, a demo load in a debug build on a busy machine) may take.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often health and process state are polled while waiting.
-const POLL_EVERY: Duration = Duration::from_millis(10);
 /// The magic and the record header of a log segment (`src/persist/frame.rs`).
 const LOG_MAGIC: &[u8] = b"AUDLOG02";
 const RECORD_HEADER: usize = 20;
@@ -74,15 +72,19 @@ impl Scratch {
     }
 
     /// Starts `audience serve ARGS` with its stderr in a new file here.
-    fn start(&mut self, args: &[String]) -> Server {
+    fn start(&mut self, args: &[String]) -> Process {
         self.starts += 1;
-        Server::spawn(args, self.root.join(format!("stderr-{}.log", self.starts)))
+        Process::start_logging_to(args, self.stderr(self.starts))
+    }
+
+    fn stderr(&self, start: usize) -> PathBuf {
+        self.root.join(format!("stderr-{start}.log"))
     }
 
     /// Every start's stderr, concatenated.
     fn all_stderr(&self) -> String {
         (1..=self.starts)
-            .map(|n| read_text(&self.root.join(format!("stderr-{n}.log"))))
+            .map(|n| std::fs::read_to_string(self.stderr(n)).unwrap_or_default())
             .collect()
     }
 }
@@ -93,168 +95,7 @@ impl Drop for Scratch {
     }
 }
 
-fn read_text(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// A port nobody listens on now: bound, read and released.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address")
-}
-
-/// `audience serve` as a child process; killed (SIGKILL) and reaped on drop.
-struct Server {
-    /// Shared with the timer task that kills it mid-write.
-    child: Arc<Mutex<Child>>,
-    addr: SocketAddr,
-    /// A file, not a pipe: nobody reads it while the server runs, so it must never fill up.
-    stderr: PathBuf,
-    channel: Channel,
-}
-
-impl Server {
-    fn spawn(args: &[String], stderr: PathBuf) -> Self {
-        let addr = free_addr();
-        let log = File::create(&stderr).expect("create the stderr file");
-        let child = Command::new(env!("CARGO_BIN_EXE_audience"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start audience serve");
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .connect_lazy();
-        Self {
-            child: Arc::new(Mutex::new(child)),
-            addr,
-            stderr,
-            channel,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn stderr_text(&self) -> String {
-        read_text(&self.stderr)
-    }
-
-    fn exit_status(&self) -> Option<ExitStatus> {
-        self.child
-            .lock()
-            .expect("child lock")
-            .try_wait()
-            .expect("poll the child")
-    }
-
-    /// The server's health (`""`), or `None` while it cannot be reached.
-    async fn health(&self) -> Option<ServingStatus> {
-        let request = HealthCheckRequest {
-            service: String::new(),
-        };
-        let response = HealthClient::new(self.channel.clone())
-            .check(request)
-            .await
-            .ok()?;
-        ServingStatus::try_from(response.into_inner().status).ok()
-    }
-
-    /// Polls health until SERVING; fails with the server's stderr if it exits or times out.
-    async fn wait_serving(&self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        while self.health().await != Some(ServingStatus::Serving) {
-            if let Some(status) = self.exit_status() {
-                panic!(
-                    "the server exited ({status}) before serving; stderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server at {} was not SERVING within {START_TIMEOUT:?}; stderr:\n{}",
-                self.addr,
-                self.stderr_text()
-            );
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-    }
-
-    /// Waits for the process to end by itself (a refused start).
-    async fn wait_exit(&self) -> ExitStatus {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.exit_status() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not exit within {START_TIMEOUT:?}; stderr:\n{}",
-                self.stderr_text()
-            );
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&self) {
-        let mut child = self.child.lock().expect("child lock");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn timestamp(millis: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: millis.div_euclid(1000),
-        nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
-    }
-}
-
 // ---- small wire helpers --------------------------------------------------------------------
-
-fn text_audience(expr: &str) -> Option<pb::Audience> {
-    Some(pb::Audience {
-        kind: Some(pb::audience::Kind::Expression(text_expr(expr))),
-    })
-}
-
-fn text_expr(expr: &str) -> pb::Expression {
-    pb::Expression {
-        kind: Some(pb::expression::Kind::Text(expr.to_owned())),
-    }
-}
-
-fn segment_audience(id: &str) -> Option<pb::Audience> {
-    Some(pb::Audience {
-        kind: Some(pb::audience::Kind::SegmentId(id.to_owned())),
-    })
-}
 
 async fn count(
     channel: &Channel,
@@ -298,7 +139,7 @@ async fn members(
 const ALL_USERS: &str = "country IS NULL OR NOT country IS NULL";
 
 async fn all_users(channel: &Channel, dataset: &str) -> Vec<String> {
-    members(channel, dataset, text_audience(ALL_USERS))
+    members(channel, dataset, text(ALL_USERS))
         .await
         .expect("list every user")
 }
@@ -323,20 +164,6 @@ async fn upsert_one_by_one(channel: &Channel, ids: &[String]) {
         )
         .await;
     }
-}
-
-/// `AdminService.Snapshot`, followed to its last message.
-async fn snapshot(channel: &Channel) {
-    let mut stream = pb::admin_service_client::AdminServiceClient::new(channel.clone())
-        .snapshot(pb::SnapshotRequest::default())
-        .await
-        .expect("snapshot")
-        .into_inner();
-    let mut done = false;
-    while let Some(message) = stream.message().await.expect("snapshot progress") {
-        done |= message.done;
-    }
-    assert!(done, "the snapshot finished");
 }
 
 // ---- files of the data directory -----------------------------------------------------------
@@ -802,7 +629,7 @@ async fn observe(channel: &Channel, sampled: &[String]) -> Observation {
         .into_inner();
     seen.insert("schema".into(), format!("{described:?}"));
     for probe in PROBES {
-        let audience = text_audience(probe);
+        let audience = text(probe);
         let counted = count(channel, DATASET, audience.clone()).await;
         seen.insert(format!("count {probe}"), format!("{counted:?}"));
         let listed = members(channel, DATASET, audience).await.expect("members");
@@ -850,11 +677,6 @@ async fn observe_segments(channel: &Channel, seen: &mut Observation) {
     seen.insert("segment ids".into(), format!("{:?}", sorted(ids)));
 }
 
-fn sorted(mut ids: Vec<String>) -> Vec<String> {
-    ids.sort();
-    ids
-}
-
 /// The first question the two answer differently, with both answers.
 fn difference(got: &Observation, want: &Observation) -> Option<String> {
     let clip = |s: &str| s.chars().take(3000).collect::<String>();
@@ -873,13 +695,13 @@ fn difference(got: &Observation, want: &Observation) -> Option<String> {
 /// Asserts that the restarted server answers as the model, with or without the write that was
 /// in flight at the kill (applied to the model when only that matches).
 async fn assert_matches_model(
-    server: &Server,
+    server: &Process,
     model: &TestServer,
     in_flight: Option<&Write>,
     sampled: &[String],
     context: &str,
 ) -> bool {
-    let got = observe(&server.channel, sampled).await;
+    let got = observe(&server.channel(), sampled).await;
     let Some(without) = difference(&got, &observe(&model.channel(), sampled).await) else {
         return false;
     };
@@ -903,24 +725,24 @@ async fn assert_matches_model(
 /// the server after `kill_after`; returns the write in flight at the kill, if any was sent,
 /// and how many were acknowledged.
 async fn write_until_killed(
-    server: &Server,
+    server: &Process,
     model: &TestServer,
     writes: &mut Writes,
     kill_after: Duration,
 ) -> (Option<Write>, usize) {
     let killed = Arc::new(AtomicBool::new(false));
     let killer = tokio::spawn({
-        let (child, killed) = (server.child.clone(), killed.clone());
+        let (kill, killed) = (server.killer(), killed.clone());
         async move {
             tokio::time::sleep(kill_after).await;
             killed.store(true, Ordering::SeqCst);
-            let _ = child.lock().expect("child lock").kill();
+            kill();
         }
     });
     let mut acknowledged = 0;
     loop {
         let write = writes.next(&segment_ids(&model.channel()).await);
-        match write.send(&server.channel).await {
+        match write.send(&server.channel()).await {
             Ok(()) => {
                 write.send(&model.channel()).await.unwrap_or_else(|e| {
                     panic!("the model refuses an acknowledged write {write:?}: {e}")
@@ -929,12 +751,12 @@ async fn write_until_killed(
             }
             Err(_) if killed.load(Ordering::SeqCst) => {
                 killer.await.expect("the killer task");
-                server.wait_exit().await;
+                server.wait_exit(START_TIMEOUT).await;
                 return (Some(write), acknowledged);
             }
             Err(status) => panic!(
                 "{write:?} failed while the server ran: {status}; stderr:\n{}",
-                server.stderr_text()
+                server.log_text()
             ),
         }
     }
@@ -971,8 +793,8 @@ async fn killed_mid_write_it_restarts_with_every_acknowledged_write() {
         scratch.start(&scratch.args(&extra))
     };
     let mut server = start(&mut scratch, 0);
-    server.wait_serving().await;
-    declare_attributes(&server.channel).await;
+    server.wait_serving(START_TIMEOUT).await;
+    declare_attributes(&server.channel()).await;
     declare_attributes(&model.channel()).await;
     let (mut in_flight_applied, mut acknowledged) = (0, 0);
     for round in 0..ROUNDS {
@@ -980,7 +802,7 @@ async fn killed_mid_write_it_restarts_with_every_acknowledged_write() {
         let (in_flight, acked) = write_until_killed(&server, &model, &mut writes, kill_after).await;
         acknowledged += acked;
         server = start(&mut scratch, round + 1);
-        server.wait_serving().await;
+        server.wait_serving(START_TIMEOUT).await;
         let context = format!("seed {SEED:#x}, round {round} ({acked} writes acknowledged)");
         let sampled = sample_users(&mut rng, writes.markers);
         if assert_matches_model(&server, &model, in_flight.as_ref(), &sampled, &context).await {
@@ -1017,10 +839,10 @@ fn numbered(prefix: &str, n: usize) -> Vec<String> {
 async fn a_torn_last_record_is_dropped_with_a_warning() {
     let mut scratch = Scratch::new("torn");
     let args = scratch.args(&["--snapshot-log-bytes", "1000000000"]);
-    let server = scratch.start(&args);
-    server.wait_serving().await;
+    let mut server = scratch.start(&args);
+    server.wait_serving(START_TIMEOUT).await;
     let users = numbered("torn-user", 30);
-    upsert_one_by_one(&server.channel, &users).await;
+    upsert_one_by_one(&server.channel(), &users).await;
     server.kill();
 
     let segment = newest_nonempty_segment(&scratch.wal());
@@ -1033,9 +855,9 @@ async fn a_torn_last_record_is_dropped_with_a_warning() {
     let cut_at = offset + RECORD_HEADER + payload.len() / 2;
     std::fs::write(&segment, &bytes[..cut_at]).expect("tear the last record");
 
-    let server = scratch.start(&args);
-    server.wait_serving().await;
-    let stderr = server.stderr_text();
+    server.restart();
+    server.wait_serving(START_TIMEOUT).await;
+    let stderr = server.log_text();
     assert_mentions(
         &stderr,
         &[
@@ -1045,7 +867,7 @@ async fn a_torn_last_record_is_dropped_with_a_warning() {
         ],
     );
     assert_eq!(
-        all_users(&server.channel, "").await,
+        all_users(&server.channel(), "").await,
         users[..29],
         "every write acknowledged before the torn record"
     );
@@ -1055,9 +877,9 @@ async fn a_torn_last_record_is_dropped_with_a_warning() {
 async fn a_flipped_byte_in_the_log_stops_the_start_until_truncated() {
     let mut scratch = Scratch::new("flip-log");
     let server = scratch.start(&scratch.args(&[]));
-    server.wait_serving().await;
+    server.wait_serving(START_TIMEOUT).await;
     let users = numbered("flip-user", 30);
-    upsert_one_by_one(&server.channel, &users).await;
+    upsert_one_by_one(&server.channel(), &users).await;
     server.kill();
 
     let segment = newest_nonempty_segment(&scratch.wal());
@@ -1069,19 +891,16 @@ async fn a_flipped_byte_in_the_log_stops_the_start_until_truncated() {
     flip_byte(&segment, offset + RECORD_HEADER + payload.len() / 2);
 
     let refused = scratch.start(&scratch.args(&[]));
-    let status = refused.wait_exit().await;
+    let status = refused.wait_exit(START_TIMEOUT).await;
     assert!(!status.success(), "a corrupt log refuses the start");
     let at = format!("byte offset {offset}");
-    assert_mentions(
-        &refused.stderr_text(),
-        &[&segment.display().to_string(), &at],
-    );
+    assert_mentions(&refused.log_text(), &[&segment.display().to_string(), &at]);
 
     let repaired = scratch.start(&scratch.args(&["--recover-truncate"]));
-    repaired.wait_serving().await;
-    assert_mentions(&repaired.stderr_text(), &["dropped", &at]);
+    repaired.wait_serving(START_TIMEOUT).await;
+    assert_mentions(&repaired.log_text(), &["dropped", &at]);
     assert_eq!(
-        all_users(&repaired.channel, "").await,
+        all_users(&repaired.channel(), "").await,
         users[..15],
         "what preceded the damage"
     );
@@ -1091,7 +910,7 @@ async fn a_flipped_byte_in_the_log_stops_the_start_until_truncated() {
 async fn a_flipped_byte_in_a_snapshot_stops_the_start_until_truncated() {
     let mut scratch = Scratch::new("flip-snapshot");
     let server = scratch.start(&scratch.args(&[]));
-    server.wait_serving().await;
+    server.wait_serving(START_TIMEOUT).await;
     // Long ids, so that the keys file has a second 1 MiB block to damage.
     let ids: Vec<String> = (0..60_000)
         .map(|i| format!("snapshot-user-{i:08}"))
@@ -1102,7 +921,7 @@ async fn a_flipped_byte_in_a_snapshot_stops_the_start_until_truncated() {
     )])
     .expect("batch");
     Write::Import(cut(&ipc_stream_bytes(&[batch]), &[256 * 1024]))
-        .send(&server.channel)
+        .send(&server.channel())
         .await
         .expect("import");
     let others = numbered("other-user", 3);
@@ -1110,7 +929,7 @@ async fn a_flipped_byte_in_a_snapshot_stops_the_start_until_truncated() {
         .iter()
         .map(|id| update::user(id, vec![update::string("country", "GB")]))
         .collect();
-    upsert(&server.channel, "other", updates).await;
+    upsert(&server.channel(), "other", updates).await;
     let cli = Command::new(env!("CARGO_BIN_EXE_audience"))
         .args(["--addr", &server.url(), "snapshot"])
         .env("RUST_LOG", "warn")
@@ -1129,21 +948,19 @@ async fn a_flipped_byte_in_a_snapshot_stops_the_start_until_truncated() {
 
     let refused = scratch.start(&scratch.args(&[]));
     assert!(
-        !refused.wait_exit().await.success(),
+        !refused.wait_exit(START_TIMEOUT).await.success(),
         "a corrupt snapshot refuses the start"
     );
     let at = format!("byte offset {SNAPSHOT_BLOCK}");
-    assert_mentions(&refused.stderr_text(), &[&keys.display().to_string(), &at]);
+    assert_mentions(&refused.log_text(), &[&keys.display().to_string(), &at]);
 
     let repaired = scratch.start(&scratch.args(&["--recover-truncate"]));
-    repaired.wait_serving().await;
-    assert_mentions(
-        &repaired.stderr_text(),
-        &[&at, "dataset 'default' is dropped"],
-    );
-    assert_eq!(all_users(&repaired.channel, "other").await, others);
+    repaired.wait_serving(START_TIMEOUT).await;
+    assert_mentions(&repaired.log_text(), &[&at, "dataset 'default' is dropped"]);
+    assert_eq!(all_users(&repaired.channel(), "other").await, others);
     // The engine always has a `default` dataset: the dropped one comes back empty.
-    let described = pb::schema_service_client::SchemaServiceClient::new(repaired.channel.clone())
+    let described = repaired
+        .schema()
         .describe_dataset(pb::DescribeDatasetRequest {
             dataset: DATASET.to_owned(),
         })
@@ -1170,14 +987,14 @@ struct LoadingSeen {
 
 /// Polls health and a count from the start until SERVING: while loading, the count must be
 /// refused with `loading:` and health NOT_SERVING; once it answers, it must be `users`.
-async fn poll_through_loading(server: &Server, users: u64, probes: &[&str]) -> LoadingSeen {
+async fn poll_through_loading(server: &Process, users: u64, probes: &[&str]) -> LoadingSeen {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut seen = LoadingSeen::default();
     loop {
         assert!(Instant::now() < deadline, "not serving in time");
-        assert!(server.exit_status().is_none(), "{}", server.stderr_text());
+        assert!(server.exit_status().is_none(), "{}", server.log_text());
         let health = server.health().await;
-        match count(&server.channel, "", text_audience(ALL_USERS)).await {
+        match count(&server.channel(), "", text(ALL_USERS)).await {
             Ok(counted) => {
                 assert_eq!(counted, users, "a count is answered only in full");
                 if health == Some(ServingStatus::Serving) {
@@ -1200,7 +1017,7 @@ async fn poll_through_loading(server: &Server, users: u64, probes: &[&str]) -> L
         tokio::time::sleep(POLL_EVERY).await;
     }
     for probe in probes {
-        let counted = count(&server.channel, "", text_audience(probe)).await;
+        let counted = count(&server.channel(), "", text(probe)).await;
         seen.counts.push(counted.expect("count once serving"));
     }
     seen
@@ -1227,14 +1044,14 @@ async fn requests_during_the_load_are_refused_not_answered_from_half_a_dataset()
     let durable = scratch.start(&scratch.args(&["--demo-users", &demo]));
     let loaded = poll_through_loading(&durable, DEMO_USERS, &LOADING_PROBES).await;
     assert_eq!(loaded.counts, seen.counts, "the same demo data");
-    snapshot(&durable.channel).await;
+    durable.snapshot().await;
     durable.kill();
 
     let recovered = scratch.start(&scratch.args(&[]));
     let seen = poll_through_loading(&recovered, DEMO_USERS, &LOADING_PROBES).await;
     assert!(seen.refused > 0, "the recovery was seen refusing: {seen:?}");
     assert_eq!(seen.counts, loaded.counts, "exact counts after recovery");
-    assert_mentions(&recovered.stderr_text(), &["snapshot=Some"]);
+    assert_mentions(&recovered.log_text(), &["snapshot=Some"]);
 }
 
 // ---- erasure -------------------------------------------------------------------------------
@@ -1255,13 +1072,13 @@ fn ids_on_disk(dir: &Path, ids: &[String]) -> Vec<String> {
 async fn deleted_users_leave_every_file_within_the_erasure_age() {
     let mut scratch = Scratch::new("erasure");
     let args = scratch.args(&["--erasure-max-age-secs", "1"]);
-    let server = scratch.start(&args);
-    server.wait_serving().await;
+    let mut server = scratch.start(&args);
+    server.wait_serving(START_TIMEOUT).await;
     let erased = numbered("erase-me-7f3a9c", 6);
     let kept = numbered("keep-me-b21e04", 6);
     let everyone: Vec<String> = erased.iter().chain(&kept).cloned().collect();
-    upsert_one_by_one(&server.channel, &everyone).await;
-    pb::ingest_service_client::IngestServiceClient::new(server.channel.clone())
+    upsert_one_by_one(&server.channel(), &everyone).await;
+    pb::ingest_service_client::IngestServiceClient::new(server.channel())
         .delete_users(pb::DeleteUsersRequest {
             dataset: DATASET.to_owned(),
             user_ids: erased.clone(),
@@ -1291,8 +1108,7 @@ async fn deleted_users_leave_every_file_within_the_erasure_age() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.kill();
-    let restarted = scratch.start(&args);
-    restarted.wait_serving().await;
-    assert_eq!(all_users(&restarted.channel, "").await, kept);
+    server.restart();
+    server.wait_serving(START_TIMEOUT).await;
+    assert_eq!(all_users(&server.channel(), "").await, kept);
 }

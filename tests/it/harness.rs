@@ -428,6 +428,21 @@ pub fn tree_expr(node: pb::Node) -> pb::Expression {
     }
 }
 
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(millis: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A saved segment as the audience.
 pub fn segment_audience(id: &str) -> Option<pb::Audience> {
     Some(pb::Audience {
@@ -591,13 +606,7 @@ pub mod update {
     }
 
     pub fn timestamp(attribute: &str, millis: i64) -> pb::AttributeUpdate {
-        set(
-            attribute,
-            Kind::TimestampValue(prost_types::Timestamp {
-                seconds: millis.div_euclid(1000),
-                nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
-            }),
-        )
+        set(attribute, Kind::TimestampValue(super::timestamp(millis)))
     }
 
     pub fn set_of(attribute: &str, values: &[&str]) -> pb::AttributeUpdate {

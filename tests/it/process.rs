@@ -1,8 +1,10 @@
-//! The real `audience` binary as a child process: started on a free port, polled until SERVING,
-//! killed (SIGKILL) on drop, its log kept in a file for the tests to read.
+//! The real `audience` binary as a child process: started on a free port, polled until SERVING
+//! (or until it exits, for starts that must fail), killed (SIGKILL) on drop, its log (stderr) kept
+//! in a file for the tests to read.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use audience::grpc::pb;
@@ -10,6 +12,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+
+/// How often health and process state are polled while waiting.
+pub const POLL_EVERY: Duration = Duration::from_millis(10);
 
 /// A port free at the time of the call (the child binds it right after).
 pub fn free_port() -> u16 {
@@ -19,39 +24,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The child, shared with whoever kills it from elsewhere (a timer task); `None` once reaped.
+type SharedChild = Arc<Mutex<Option<Child>>>;
+
 /// One server process.
 pub struct Process {
-    child: Option<Child>,
+    child: SharedChild,
     pub port: u16,
-    /// Its stderr (the log).
+    /// Its stderr (the log): a file, not a pipe, so that it never fills up unread.
     pub log: PathBuf,
+    /// Whether the log is removed on drop (it is unless the caller chose where it goes).
+    remove_log: bool,
+    /// `serve` arguments after `--listen`, for [`Process::restart`].
+    args: Vec<String>,
     channel: Channel,
 }
 
 impl Process {
-    /// Starts `audience serve --listen 127.0.0.1:<free port> <args>`.
+    /// Starts `audience serve --listen 127.0.0.1:<free port> <args>`, its log in a temporary file
+    /// removed on drop.
     pub fn start(args: &[&str]) -> Self {
         let port = free_port();
         let log = crate::durability::temp_dir(&format!("serve-{port}")).with_extension("log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_audience"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("the binary starts");
-        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        Self {
-            child: Some(child),
-            port,
-            log,
-            channel,
-        }
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut process = Self::spawn(port, args, log);
+        process.remove_log = true;
+        process
+    }
+
+    /// Starts `audience serve --listen 127.0.0.1:<free port> <args>`, its log in `log` (created or
+    /// truncated, and left in place on drop).
+    pub fn start_logging_to(args: &[String], log: PathBuf) -> Self {
+        Self::spawn(free_port(), args.to_vec(), log)
     }
 
     /// Starts and waits until SERVING.
@@ -61,25 +65,105 @@ impl Process {
         process
     }
 
-    /// Polls health until SERVING; panics with the log after `limit`.
+    fn spawn(port: u16, args: Vec<String>, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_audience"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("the binary starts");
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .connect_lazy();
+        Self {
+            child: Arc::new(Mutex::new(Some(child))),
+            port,
+            log,
+            remove_log: false,
+            args,
+            channel,
+        }
+    }
+
+    /// Kills it, then starts it again on the same arguments (and a new free port); the log file
+    /// then holds the new start's log only.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut restarted = Self::spawn(free_port(), self.args.clone(), self.log.clone());
+        restarted.remove_log = self.remove_log;
+        // The old value's drop finds its child reaped and leaves the log to the new one.
+        self.remove_log = false;
+        *self = restarted;
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's health (`""`), or `None` while it cannot be reached.
+    pub async fn health(&self) -> Option<ServingStatus> {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let response = HealthClient::new(self.channel.clone())
+            .check(request)
+            .await
+            .ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    /// Polls health until SERVING; panics with the log if the process exits first or `limit`
+    /// passes.
     pub async fn wait_serving(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        let mut health = HealthClient::new(self.channel.clone());
-        while Instant::now() < deadline {
-            let request = HealthCheckRequest {
-                service: String::new(),
-            };
-            if let Ok(response) = health.check(request).await {
-                if response.into_inner().status == ServingStatus::Serving as i32 {
-                    return;
-                }
+        while self.health().await != Some(ServingStatus::Serving) {
+            if let Some(status) = self.exit_status() {
+                panic!(
+                    "the server exited ({status}) before serving; stderr:\n{}",
+                    self.log_text()
+                );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                Instant::now() < deadline,
+                "the server at {} was not SERVING within {limit:?}; stderr:\n{}",
+                self.url(),
+                self.log_text()
+            );
+            tokio::time::sleep(POLL_EVERY).await;
         }
-        panic!(
-            "server did not serve within {limit:?}:\n{}",
-            self.log_text()
-        );
+    }
+
+    /// How the process ended, or `None` while it runs.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        let mut child = self.child.lock().expect("child lock");
+        child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("poll the child"))
+    }
+
+    /// Waits for the process to end by itself (a refused start); panics with the log after
+    /// `limit`.
+    pub async fn wait_exit(&self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit within {limit:?}; stderr:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     /// The log so far.
@@ -103,9 +187,38 @@ impl Process {
         pb::segment_service_client::SegmentServiceClient::new(self.channel())
     }
 
+    pub fn schema(&self) -> pb::schema_service_client::SchemaServiceClient<Channel> {
+        pb::schema_service_client::SchemaServiceClient::new(self.channel())
+    }
+
+    /// `AdminService.Snapshot`, followed to its last message, which must say it is done.
+    pub async fn snapshot(&self) {
+        let mut stream = pb::admin_service_client::AdminServiceClient::new(self.channel())
+            .snapshot(pb::SnapshotRequest::default())
+            .await
+            .expect("snapshot starts")
+            .into_inner();
+        let mut done = false;
+        while let Some(message) = stream.message().await.expect("snapshot progresses") {
+            done |= message.done;
+        }
+        assert!(done, "the snapshot finished");
+    }
+
+    /// A handle that SIGKILLs the process from elsewhere (a timer task), without reaping it.
+    pub fn killer(&self) -> impl FnOnce() + Send + 'static {
+        let child = self.child.clone();
+        move || {
+            if let Some(child) = child.lock().expect("child lock").as_mut() {
+                let _ = child.kill();
+            }
+        }
+    }
+
     /// SIGKILL, then reaps the child.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn kill(&self) {
+        let taken = self.child.lock().map(|mut c| c.take());
+        if let Ok(Some(mut child)) = taken {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -115,6 +228,8 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_file(&self.log);
+        if self.remove_log {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }

@@ -107,9 +107,7 @@ async fn upsert(
 }
 
 async fn record_view(server: &Process, user: &str) -> Result<(), tonic::Status> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::harness::now_ms().div_euclid(1000);
     let request = pb::RecordEventsRequest {
         dataset: String::new(),
         events: vec![pb::Event {
@@ -272,7 +270,8 @@ async fn writes_reach_every_replica_and_late_or_restarted_ones_catch_up() {
             .expect("upsert on b");
     }
     delete(&a, "user-0").await.expect("delete on a");
-    let c = start(&args).await;
+    c.restart();
+    c.wait_serving(Duration::from_secs(60)).await;
     assert_eq!(
         view(&c).await,
         view(&b).await,
@@ -280,17 +279,7 @@ async fn writes_reach_every_replica_and_late_or_restarted_ones_catch_up() {
     );
 
     // A snapshot trims the log; a replica started after it loads it, then the tail.
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(b.channel());
-    let mut progress = admin
-        .snapshot(pb::SnapshotRequest::default())
-        .await
-        .expect("snapshot starts")
-        .into_inner();
-    let mut done = false;
-    while let Some(message) = progress.message().await.expect("snapshot progresses") {
-        done |= message.done;
-    }
-    assert!(done, "the snapshot finished");
+    b.snapshot().await;
     upsert(&c, "after-snapshot", "US", "b")
         .await
         .expect("upsert after snapshot");
