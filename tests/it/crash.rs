@@ -597,18 +597,21 @@ async fn declare_attributes(channel: &Channel) {
         .expect("declare attributes");
 }
 
-async fn segment_ids(channel: &Channel) -> Vec<String> {
-    let listed = pb::segment_service_client::SegmentServiceClient::new(channel.clone())
+/// The saved segments of the dataset.
+async fn list_segments(channel: &Channel) -> pb::ListSegmentsResponse {
+    pb::segment_service_client::SegmentServiceClient::new(channel.clone())
         .list_segments(pb::ListSegmentsRequest {
             dataset: DATASET.to_owned(),
             ..Default::default()
         })
         .await
         .expect("list segments")
-        .into_inner();
-    let mut ids: Vec<String> = listed.segments.into_iter().map(|s| s.id).collect();
-    ids.sort();
-    ids
+        .into_inner()
+}
+
+async fn segment_ids(channel: &Channel) -> Vec<String> {
+    let listed = list_segments(channel).await;
+    sorted(listed.segments.into_iter().map(|s| s.id).collect())
 }
 
 // ---- comparing a server with the model -----------------------------------------------------
@@ -652,14 +655,7 @@ async fn observe(channel: &Channel, sampled: &[String]) -> Observation {
 }
 
 async fn observe_segments(channel: &Channel, seen: &mut Observation) {
-    let listed = pb::segment_service_client::SegmentServiceClient::new(channel.clone())
-        .list_segments(pb::ListSegmentsRequest {
-            dataset: DATASET.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .expect("list segments")
-        .into_inner();
+    let listed = list_segments(channel).await;
     let mut ids = Vec::new();
     for segment in listed.segments {
         let listed = members(channel, DATASET, segment_audience(&segment.id))
@@ -873,6 +869,26 @@ async fn a_torn_last_record_is_dropped_with_a_warning() {
     );
 }
 
+/// Starts on the damaged directory, which must fail (`refusal` says why it must) with a log
+/// naming `refused`; then starts with `--recover-truncate`, which must serve with a log naming
+/// `repaired`. Returns the repaired server.
+async fn refused_until_truncated(
+    scratch: &mut Scratch,
+    refusal: &str,
+    refused: &[&str],
+    repaired: &[&str],
+) -> Process {
+    let refused_start = scratch.start(&scratch.args(&[]));
+    let status = refused_start.wait_exit(START_TIMEOUT).await;
+    assert!(!status.success(), "{refusal}");
+    assert_mentions(&refused_start.log_text(), refused);
+
+    let repaired_start = scratch.start(&scratch.args(&["--recover-truncate"]));
+    repaired_start.wait_serving(START_TIMEOUT).await;
+    assert_mentions(&repaired_start.log_text(), repaired);
+    repaired_start
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_the_log_stops_the_start_until_truncated() {
     let mut scratch = Scratch::new("flip-log");
@@ -890,15 +906,14 @@ async fn a_flipped_byte_in_the_log_stops_the_start_until_truncated() {
     assert!(contains(payload, users[15].as_bytes()));
     flip_byte(&segment, offset + RECORD_HEADER + payload.len() / 2);
 
-    let refused = scratch.start(&scratch.args(&[]));
-    let status = refused.wait_exit(START_TIMEOUT).await;
-    assert!(!status.success(), "a corrupt log refuses the start");
     let at = format!("byte offset {offset}");
-    assert_mentions(&refused.log_text(), &[&segment.display().to_string(), &at]);
-
-    let repaired = scratch.start(&scratch.args(&["--recover-truncate"]));
-    repaired.wait_serving(START_TIMEOUT).await;
-    assert_mentions(&repaired.log_text(), &["dropped", &at]);
+    let repaired = refused_until_truncated(
+        &mut scratch,
+        "a corrupt log refuses the start",
+        &[&segment.display().to_string(), &at],
+        &["dropped", &at],
+    )
+    .await;
     assert_eq!(
         all_users(&repaired.channel(), "").await,
         users[..15],
@@ -946,17 +961,14 @@ async fn a_flipped_byte_in_a_snapshot_stops_the_start_until_truncated() {
     assert!(size > SNAPSHOT_BLOCK + 4096, "{size} bytes");
     flip_byte(&keys, (SNAPSHOT_BLOCK + 4096) as usize);
 
-    let refused = scratch.start(&scratch.args(&[]));
-    assert!(
-        !refused.wait_exit(START_TIMEOUT).await.success(),
-        "a corrupt snapshot refuses the start"
-    );
     let at = format!("byte offset {SNAPSHOT_BLOCK}");
-    assert_mentions(&refused.log_text(), &[&keys.display().to_string(), &at]);
-
-    let repaired = scratch.start(&scratch.args(&["--recover-truncate"]));
-    repaired.wait_serving(START_TIMEOUT).await;
-    assert_mentions(&repaired.log_text(), &[&at, "dataset 'default' is dropped"]);
+    let repaired = refused_until_truncated(
+        &mut scratch,
+        "a corrupt snapshot refuses the start",
+        &[&keys.display().to_string(), &at],
+        &[&at, "dataset 'default' is dropped"],
+    )
+    .await;
     assert_eq!(all_users(&repaired.channel(), "other").await, others);
     // The engine always has a `default` dataset: the dropped one comes back empty.
     let described = repaired
