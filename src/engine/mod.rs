@@ -370,7 +370,10 @@ impl Engine {
                 .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))?;
             match result {
                 Ok(()) => return Ok(outcome),
-                Err((EngineError::Storage(crate::persist::PersistError::Conflict), Some(_writer))) => {
+                Err((
+                    EngineError::Storage(crate::persist::PersistError::Conflict),
+                    Some(_writer),
+                )) => {
                     // Another replica wrote first: apply its records, then this change again.
                     conflicts += 1;
                     check_conflicts(conflicts)?;
@@ -517,10 +520,12 @@ fn check_conflicts(conflicts: u32) -> Result<()> {
     if conflicts <= MAX_CONFLICTS {
         return Ok(());
     }
-    Err(EngineError::Storage(crate::persist::PersistError::Unavailable(format!(
-        "the shared log moved on {conflicts} times while this write waited; retry (or check \
+    Err(EngineError::Storage(
+        crate::persist::PersistError::Unavailable(format!(
+            "the shared log moved on {conflicts} times while this write waited; retry (or check \
          that Redis did not lose records)"
-    ))))
+        )),
+    ))
 }
 
 /// The logging and publishing of one write, done by a task of its own.

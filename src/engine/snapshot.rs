@@ -20,8 +20,8 @@ use arrow_array::builder::{LargeBinaryBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType, UInt32Type};
 use arrow_array::{
-    Array, ArrayRef, BooleanArray, LargeBinaryArray, Float64Array, Int64Array, LargeListArray, RecordBatch,
-    StringArray, TimestampMillisecondArray, UInt32Array,
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, LargeBinaryArray, LargeListArray,
+    RecordBatch, StringArray, TimestampMillisecondArray, UInt32Array,
 };
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
@@ -355,7 +355,11 @@ fn read_attribute(
         AttributeKind::Integer => Ok(Attribute::Integer(NumericColumn::from_rows(
             &numeric_rows::<Int64Type>(&batches, id_bound)?,
         ))),
-        AttributeKind::Float => Ok(Attribute::Float(NumericColumn::from_rows(&numeric_rows::<Float64Type>(&batches, id_bound)?))),
+        AttributeKind::Float => Ok(Attribute::Float(NumericColumn::from_rows(&numeric_rows::<
+            Float64Type,
+        >(
+            &batches, id_bound,
+        )?))),
         AttributeKind::Timestamp => Ok(Attribute::Timestamp(NumericColumn::from_rows(
             &numeric_rows::<TimestampMillisecondType>(&batches, id_bound)?,
         ))),
@@ -393,7 +397,9 @@ where
             .and_then(|c| c.as_primitive_opt::<T>())
             .ok_or("column 1 ('value') is missing or of the wrong type")?;
         if let Some(&id) = ids.values().iter().find(|&&id| u64::from(id) >= id_bound) {
-            return Err(format!("user {id} is beyond the {id_bound} ids of keys.arrow"));
+            return Err(format!(
+                "user {id} is beyond the {id_bound} ids of keys.arrow"
+            ));
         }
         rows.extend(
             ids.values()

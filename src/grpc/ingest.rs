@@ -300,7 +300,10 @@ fn deadline<T>(request: &Request<T>) -> Option<tokio::time::Instant> {
 /// applied; from its commit on, the commit completes on its own (it is logged and published
 /// whole or not at all), so the caller must look before retrying.
 fn deadline_passed(progress: &ProgressSender) -> Status {
-    if progress.committing.load(std::sync::atomic::Ordering::SeqCst) {
+    if progress
+        .committing
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
         tracing::info!("the caller's deadline passed during the import's commit, which goes on");
         Status::deadline_exceeded(
             "the import passed its deadline while being committed: the commit completes on its \
