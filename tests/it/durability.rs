@@ -573,3 +573,57 @@ async fn concurrent_writers_of_one_dataset_share_syncs_and_recover_in_log_order(
     drop(engine);
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_starts_after_its_snapshot_ends_is_refused_not_half_replayed() {
+    let dir = temp_dir("log-gap");
+    let clock = FixedClock::new(JAN_1_2026);
+    let engine = open(&dir, &clock).await;
+    engine
+        .apply("default", us_user("before"))
+        .await
+        .expect("write");
+    engine
+        .write_snapshot(None, |_, _, _| {})
+        .await
+        .expect("snapshot");
+    engine
+        .apply("default", us_user("after"))
+        .await
+        .expect("write");
+    drop(engine);
+    // As a backup that copied the log but lost its snapshot: the records before the log's
+    // first segment are nowhere.
+    std::fs::remove_dir_all(dir.join("snapshots")).expect("remove the snapshot");
+    let engine = Arc::new(Engine::new(Limits::default(), clock.clone()));
+    let refused = loop {
+        match engine.open_durable(options(&dir)).await {
+            Err(EngineError::Storage(PersistError::Locked(_))) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.expect_err("a gap in the log stops the start"),
+        }
+    };
+    let message = refused.to_string();
+    assert!(
+        message.contains("wal") && message.contains("are missing"),
+        "{message}"
+    );
+    let repaired = Arc::new(Engine::new(Limits::default(), clock.clone()));
+    let report = repaired
+        .open_durable(DurableOptions {
+            repair: true,
+            ..options(&dir)
+        })
+        .await
+        .expect("repair starts from what is there");
+    assert!(
+        report.dropped.iter().any(|d| d.contains("are missing")),
+        "{:?}",
+        report.dropped
+    );
+    let state = repaired.snapshot("default").expect("dataset");
+    assert!(state.live_id("after").is_some() && state.live_id("before").is_none());
+    drop(repaired);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
