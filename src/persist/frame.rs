@@ -6,19 +6,23 @@
 //! | bytes | field |
 //! |---|---|
 //! | 8 | payload length, little-endian `u64` (an import of a large table is one record) |
-//! | 4 | CRC-32 (IEEE) of the sequence number's 8 bytes and the payload, little-endian |
 //! | 8 | sequence number, little-endian `u64`, one more than the record before |
+//! | 4 | CRC-32 (IEEE) of the 16 bytes above, little-endian |
+//! | 4 | CRC-32 of the sequence number's 8 bytes and the payload, little-endian |
 //! | n | payload |
+//!
+//! The header has a checksum of its own, so that a damaged length is found as damage instead
+//! of being read as a record cut short (which would drop every record after it).
 
 use std::path::Path;
 
 use super::{PersistError, Result};
 
 /// The first bytes of every log segment: format name and version.
-pub const MAGIC: &[u8; 8] = b"AUDLOG02";
+pub const MAGIC: &[u8; 8] = b"AUDLOG03";
 
 /// Bytes before a record's payload.
-pub const HEADER_BYTES: usize = 20;
+pub const HEADER_BYTES: usize = 24;
 
 /// Appends one framed record to `out`.
 pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
@@ -29,9 +33,12 @@ pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 
 /// Appends the header of a record to `out`, for a payload written after it without a copy.
 pub fn encode_header(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&checksum(seq, payload).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
+    let header_crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&header_crc.to_le_bytes());
+    out.extend_from_slice(&checksum(seq, payload).to_le_bytes());
 }
 
 fn checksum(seq: u64, payload: &[u8]) -> u32 {
@@ -97,7 +104,12 @@ pub fn read_segment(bytes: &[u8]) -> (Vec<Record<'_>>, Ending) {
             bytes[..range.len()].copy_from_slice(&rest[range]);
             u64::from_le_bytes(bytes)
         };
-        let (len, crc, seq) = (word(0..8), word(8..12) as u32, word(12..20));
+        let (len, seq) = (word(0..8), word(8..16));
+        let (header_crc, crc) = (word(16..20) as u32, word(20..24) as u32);
+        if crc32fast::hash(&rest[..16]) != header_crc {
+            let reason = "the record's header fails its checksum".into();
+            return (records, Ending::Corrupt { offset, reason });
+        }
         let end = usize::try_from(len)
             .ok()
             .and_then(|len| HEADER_BYTES.checked_add(len))
@@ -187,22 +199,21 @@ mod tests {
     fn a_flipped_byte_before_the_tail_is_corruption_at_its_record() {
         let whole = segment(&[(1, b"first"), (2, b"second"), (3, b"third")]);
         let second = MAGIC.len() + HEADER_BYTES + 5;
+        // Any byte of the second record, its length included: never mistaken for a torn tail.
         for at in second..second + HEADER_BYTES + 6 {
             let mut bytes = whole.clone();
             bytes[at] ^= 0x40;
             let (records, ending) = read_segment(&bytes);
             assert_eq!(records.len(), 1, "flip at {at}");
             match ending {
-                // A flipped length can point past the end: then it reads as torn, which
-                // --recover-truncate handles the same way; every other flip is corruption.
-                Ending::Torn { offset } | Ending::Corrupt { offset, .. } => {
-                    assert_eq!(offset, second as u64, "flip at {at}")
-                }
-                Ending::Clean => panic!("flip at {at} went unnoticed"),
+                Ending::Corrupt { offset, .. } => assert_eq!(offset, second as u64, "flip at {at}"),
+                other => panic!("flip at {at} read as {other:?}"),
             }
         }
+        // A damaged header of the last record is damage too; a payload cut short there is not.
+        let last = second + HEADER_BYTES + 6;
         let mut bytes = whole.clone();
-        bytes[second + HEADER_BYTES] ^= 1;
+        bytes[last] ^= 0x80;
         assert!(matches!(read_segment(&bytes).1, Ending::Corrupt { .. }));
     }
 

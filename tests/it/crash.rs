@@ -35,8 +35,8 @@ use crate::process::{Process, POLL_EVERY};
 /// How long a start (recovery, a demo load in a debug build on a busy machine) may take.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// The magic and the record header of a log segment (`src/persist/frame.rs`).
-const LOG_MAGIC: &[u8] = b"AUDLOG02";
-const RECORD_HEADER: usize = 20;
+const LOG_MAGIC: &[u8] = b"AUDLOG03";
+const RECORD_HEADER: usize = 24;
 /// Bytes per checksummed block of a snapshot file.
 const SNAPSHOT_BLOCK: u64 = 1 << 20;
 
