@@ -12,8 +12,9 @@
 //! - [`query`]: counts, breakdowns, samples, overlap, lookups, schema.
 //! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers.
 //! - [`transaction`]: multi-batch imports, published and logged whole.
-//! - [`record`], [`snapshot`], [`durable`]: writes as log records, versions as snapshot files,
-//!   logging before publishing, background snapshots and recovery.
+//! - [`record`], [`snapshot`], [`durable`], [`recovery`]: writes as log records, versions as
+//!   snapshot files, logging before publishing, background snapshots, recovery.
+//! - [`pipeline`]: writes of one dataset sharing fsyncs; [`replica`]: Redis mode.
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
 //! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
 
@@ -30,6 +31,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod query;
 pub mod record;
+pub mod recovery;
 pub mod replica;
 pub mod snapshot;
 pub mod state;

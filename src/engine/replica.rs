@@ -15,9 +15,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::durable::{apply_record, Backend, Journal, SnapshotReport};
+use super::durable::{Backend, Journal, SnapshotReport};
 use super::error::{EngineError, Result};
 use super::record;
+use super::recovery::apply_record;
 use super::state::DatasetState;
 use super::{feed, register, snapshot, Dataset, Engine, RecoveryReport};
 use crate::persist::redis::RedisStore;

@@ -601,11 +601,6 @@ impl EventStore {
         store
     }
 
-    /// When names get a frequent-user tier.
-    pub fn tier_params(&self) -> TierParams {
-        self.tier
-    }
-
     /// One event name's series.
     pub fn series(&self, name: &str) -> Option<&Arc<EventSeries>> {
         self.series.get(name)

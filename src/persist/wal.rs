@@ -428,11 +428,6 @@ impl Wal {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
-    /// The sequence number the next record gets.
-    pub fn next_seq(&self) -> u64 {
-        self.shared.next_seq.load(Ordering::Relaxed)
-    }
-
     /// Stops the writer after the records already queued.
     pub fn close(&self) {
         if let Ok(mut requests) = self.requests.lock() {
