@@ -330,6 +330,12 @@ impl Engine {
                 "the engine is durable already".into(),
             ));
         }
+        // After a repair, what is on disk no longer matches what a plain start would read
+        // (a dropped dataset stays in the old snapshot, a cut log may be followed by new
+        // records): a fresh snapshot makes it whole before anything else is written.
+        if options.repair && !report.dropped.is_empty() {
+            self.write_snapshot(None, |_, _, _| {}).await?;
+        }
         tokio::spawn(snapshot_when_due(Arc::downgrade(self)));
         if !was_loading {
             self.progress.finish();
