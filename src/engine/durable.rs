@@ -101,7 +101,7 @@ impl Journal {
     }
 
     /// Appends a record of `dataset` whose version was `expected`; returns its position once
-    /// it is durable.
+    /// it is durable, counted for the snapshot triggers (and the erasure clock when it deletes).
     ///
     /// # Errors
     /// The store cannot take it ([`PersistError::Conflict`]: another replica wrote first).
@@ -110,11 +110,14 @@ impl Journal {
         dataset: &str,
         expected: Position,
         bytes: Vec<u8>,
+        is_delete: bool,
     ) -> Result<Position> {
-        Ok(match &self.backend {
+        let position = match &self.backend {
             Backend::Local { wal, .. } => wal.append(bytes).await?,
             Backend::Shared(shared) => shared.append(dataset, expected, bytes).await?,
-        })
+        };
+        self.note_appended(is_delete);
+        Ok(position)
     }
 
     /// Log bytes not yet in a snapshot.
@@ -258,22 +261,7 @@ impl Engine {
         let bytes = tokio::task::spawn_blocking(move || record::encode(&owned))
             .await
             .map_err(|e| EngineError::Internal(format!("log encoding failed: {e}")))??;
-        self.log_bytes(journal, &dataset, expected, bytes, is_delete)
-            .await
-    }
-
-    /// Appends encoded bytes; see [`Engine::log`].
-    pub(super) async fn log_bytes(
-        &self,
-        journal: &Journal,
-        dataset: &str,
-        expected: Position,
-        bytes: Vec<u8>,
-        is_delete: bool,
-    ) -> Result<Position> {
-        let position = journal.append(dataset, expected, bytes).await?;
-        journal.note_appended(is_delete);
-        Ok(position)
+        journal.append(&dataset, expected, bytes, is_delete).await
     }
 
     /// The id of the log watch tokens name, when durable.

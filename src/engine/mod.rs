@@ -143,13 +143,7 @@ impl Dataset {
     /// reading an entry finds its users' external ids in the current version.
     fn publish(&self, mut state: DatasetState, bounds: feed::FeedBounds) {
         let transitions = std::mem::take(&mut state.transitions);
-        let log = state.log_position;
-        let state = Arc::new(state);
-        match self.current.write() {
-            Ok(mut current) => *current = state,
-            Err(poisoned) => *poisoned.into_inner() = state,
-        }
-        self.feed.append(transitions, log, bounds);
+        self.publish_ready((Arc::new(state), transitions), bounds);
     }
 
     /// Publishes a version of the pipeline and feeds its transitions, in log order.
@@ -555,9 +549,12 @@ impl LoggedWrite {
         writer: WriterGuard,
     ) -> std::result::Result<(), (EngineError, Option<WriterGuard>)> {
         let expected = state.log_position;
-        match self.journal.append(&dataset, expected, bytes).await {
+        match self
+            .journal
+            .append(&dataset, expected, bytes, is_delete)
+            .await
+        {
             Ok(position) => {
-                self.journal.note_appended(is_delete);
                 state.log_position = position;
                 self.handle.publish(state, self.bounds);
                 drop(writer);

@@ -169,13 +169,24 @@ impl std::str::FromStr for FsyncPolicy {
     }
 }
 
+/// A directory of its own for one unit test (under the system's temporary directory, absent).
+#[cfg(test)]
+pub(crate) fn test_dir(name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("audience-{name}-{}-{nanos}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_data_directory_has_one_holder_at_a_time() {
-        let dir = std::env::temp_dir().join(format!("audience-lock-{}", std::process::id()));
+        let dir = test_dir("lock");
         let first = DirLock::acquire(&dir).unwrap();
         assert!(matches!(
             DirLock::acquire(&dir),

@@ -313,13 +313,7 @@ mod tests {
     use super::*;
 
     fn temp_root(name: &str) -> PathBuf {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        std::env::temp_dir().join(format!(
-            "audience-snap-{name}-{}-{nanos}",
-            std::process::id()
-        ))
+        crate::persist::test_dir(&format!("snap-{name}"))
     }
 
     fn files(seed: u8) -> Vec<(String, Vec<u8>)> {

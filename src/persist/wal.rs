@@ -611,15 +611,7 @@ mod tests {
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "audience-wal-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+        crate::persist::test_dir(&format!("wal-{name}"))
     }
 
     type Records = Vec<(u64, Vec<u8>)>;
