@@ -51,6 +51,9 @@ pub struct Config {
     pub demo_users: u64,
     /// Behaviour events of those users to generate at start (0: none).
     pub demo_events: u64,
+    /// Saved segments to create over the demo data at start (0: none), kept current on every
+    /// write as a production dataset's are.
+    pub demo_segments: u64,
     pub log_format: LogFormat,
     /// The only directory `ImportUsersFile` may read from; unset, any file the server can read
     /// (set it wherever callers are not trusted with the server's file system).
@@ -79,6 +82,7 @@ impl Default for Config {
             erasure_max_age_secs: 24 * 3600,
             demo_users: 0,
             demo_events: 0,
+            demo_segments: 0,
             log_format: LogFormat::Text,
             import_dir: None,
             max_message_bytes: 64 * 1024 * 1024,
@@ -141,6 +145,10 @@ impl Config {
             (
                 (1..=64).contains(&limits.max_expression_depth),
                 "limits.max_expression_depth must be between 1 and 64",
+            ),
+            (
+                self.demo_users > 0 || (self.demo_events == 0 && self.demo_segments == 0),
+                "demo_events and demo_segments need demo_users: they are generated for the demo users",
             ),
             (
                 self.segment_refresh_secs > 0,
@@ -247,6 +255,12 @@ mod tests {
             ..Config::default()
         };
         assert!(bad.validate().is_err());
+        let orphan_segments = Config {
+            demo_segments: 10,
+            ..Config::default()
+        };
+        let refused = orphan_segments.validate().unwrap_err().to_string();
+        assert!(refused.contains("demo_users"), "{refused}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

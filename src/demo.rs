@@ -1,10 +1,16 @@
 //! A deterministic, realistic users table: the data of `serve --demo-users N`, the tests and
 //! the benchmarks. The same `(rows, seed)` always gives the same table, batch by batch.
+//!
+//! Real user tables are skewed, and an index that is only ever tried on uniform data hides its
+//! worst cases, so the table is skewed the way production data is: `lifetime_spend` is
+//! zero-inflated (most users never paid) with heavy price points and a long, rare tail;
+//! `sessions_30d` is a count that is mostly 0; countries, regions, cities and interests follow
+//! popularity curves, so a few values hold most users and many hold a handful.
 
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    BooleanBuilder, Float64Builder, Int16Builder, ListBuilder, StringBuilder,
+    BooleanBuilder, Float64Builder, Int16Builder, Int32Builder, ListBuilder, StringBuilder,
     StringDictionaryBuilder, TimestampMillisecondBuilder,
 };
 use arrow_array::types::Int32Type;
@@ -74,7 +80,7 @@ const GENDERS: &[(&str, u64)] = &[("female", 48), ("male", 48), ("other", 2)];
 const DEVICES: &[(&str, u64)] = &[("android", 45), ("ios", 45), ("desktop", 10)];
 /// Regions per country and cities per region.
 const REGIONS: u64 = 5;
-const CITIES: u64 = 10;
+const CITIES: u64 = 40;
 /// Signup times fall in the three years before this instant (2026-11-01T00:00:00Z).
 pub const DEMO_EPOCH: Millis = 1_793_491_200_000;
 const THREE_YEARS: u64 = 3 * 365 * 86_400_000;
@@ -101,6 +107,7 @@ pub fn schema() -> Arc<Schema> {
             true,
         ),
         Field::new("lifetime_spend", DataType::Float64, true),
+        Field::new("sessions_30d", DataType::Int32, true),
         Field::new("subscriber", DataType::Boolean, true),
         Field::new(
             "signup_ts",
@@ -131,6 +138,49 @@ fn pick<'a>(rng: &mut SplitMix64, weighted: &[(&'a str, u64)]) -> &'a str {
     weighted[0].0
 }
 
+/// Uniform `u` in `[0, 1)` raised to this power picks small ranks often: with 3, the first 10%
+/// of the ranks get ~46% of the picks.
+const SKEW: i32 = 3;
+
+/// A rank in `0..n`, low ranks far more likely (a popularity curve).
+fn skewed(rng: &mut SplitMix64, n: u64) -> u64 {
+    ((rng.unit().powi(SKEW) * n as f64) as u64).min(n - 1)
+}
+
+/// Price points that many paying users share exactly (one purchase of a common product).
+const PRICE_POINTS: &[f64] = &[4.99, 9.99, 19.99, 49.99];
+
+/// Zero-inflated spend: 10% unknown, 60% exactly 0 (never paid), 12% at one of a few price
+/// points, the rest a long tail in cents up to ~50,000 where a rare few hold the largest values.
+fn lifetime_spend(rng: &mut SplitMix64) -> Option<f64> {
+    match rng.below(100) {
+        0..=9 => None,
+        10..=69 => Some(0.0),
+        70..=81 => Some(PRICE_POINTS[rng.below(PRICE_POINTS.len() as u64) as usize]),
+        _ => {
+            let tail = if rng.below(1_000) == 0 {
+                50_000.0
+            } else {
+                5_000.0
+            };
+            Some((rng.unit().powi(3) * tail * 100.0).round() / 100.0 + 0.01)
+        }
+    }
+}
+
+/// Sessions in the last 30 days: 5% unknown, ~55% none, then a geometric tail (1, 2, 3, ...
+/// each rarer) with a few very active users.
+fn sessions_30d(rng: &mut SplitMix64) -> Option<i32> {
+    if rng.below(100) < 5 {
+        return None;
+    }
+    let mut sessions: u64 = 0;
+    while sessions < 500 && rng.below(100) < 45 + sessions.min(40) {
+        sessions += 1;
+    }
+    Some(sessions as i32)
+}
+
 /// One batch holding `rows`; each row's values depend only on `(seed, row)`.
 pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
     let mut ids = StringBuilder::new();
@@ -142,16 +192,17 @@ pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
     let mut device = StringDictionaryBuilder::<Int32Type>::new();
     let mut interests = ListBuilder::new(StringBuilder::new());
     let mut spend = Float64Builder::new();
+    let mut sessions = Int32Builder::new();
     let mut subscriber = BooleanBuilder::new();
     let mut signup = TimestampMillisecondBuilder::new().with_timezone("UTC");
     for row in rows {
         let mut rng = SplitMix64::new(seed ^ row.wrapping_mul(0x2545_F491_4F6C_DD1D));
         ids.append_value(user_id(row));
         let c = pick(&mut rng, COUNTRIES);
-        let r = rng.below(REGIONS);
+        let r = skewed(&mut rng, REGIONS);
         country.append_value(c);
         region.append_value(format!("{c}-R{r}"));
-        city.append_value(format!("{c}-R{r}-C{}", rng.below(CITIES)));
+        city.append_value(format!("{c}-R{r}-C{}", skewed(&mut rng, CITIES)));
         // Ages 13-90, most between 18 and 45.
         if rng.below(100) < 5 {
             age.append_null();
@@ -182,13 +233,8 @@ pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
             interests.values().append_value(INTERESTS[index]);
         }
         interests.append(true);
-        if rng.below(100) < 40 {
-            spend.append_null();
-        } else {
-            // Long-tailed spend in cents precision.
-            let dollars = (rng.unit().powi(3) * 5_000.0 * 100.0).round() / 100.0;
-            spend.append_value(dollars);
-        }
+        spend.append_option(lifetime_spend(&mut rng));
+        sessions.append_option(sessions_30d(&mut rng));
         match rng.below(100) {
             0..=4 => subscriber.append_null(),
             5..=24 => subscriber.append_value(true),
@@ -206,6 +252,7 @@ pub fn batch(rows: std::ops::Range<u64>, seed: u64) -> RecordBatch {
         Arc::new(device.finish()),
         Arc::new(interests.finish()),
         Arc::new(spend.finish()),
+        Arc::new(sessions.finish()),
         Arc::new(subscriber.finish()),
         Arc::new(signup.finish()),
     ];
@@ -315,4 +362,81 @@ pub fn events_batch(events: &[DemoEvent]) -> RecordBatch {
         Arc::new(values.finish()),
     ];
     RecordBatch::try_new(events_schema(), columns).expect("demo events match their schema")
+}
+
+/// `count` saved segment definitions `(id, expression)` over the demo tables, as a marketing
+/// team accumulates them: many broad audiences (a country, an interest, a spend tier), combined
+/// ones, narrow ones (a city, a rare interest pair) and behavioural ones, so that a typical user
+/// is in a few hundred of 1,000 and some segments hold a handful of users. The same `count` and
+/// `seed` always give the same list.
+pub fn segments(count: usize, seed: u64) -> Vec<(String, String)> {
+    let mut rng = SplitMix64::new(seed ^ 0x5E6_5E6);
+    (0..count)
+        .map(|i| (format!("seg-{i:05}"), segment_expression(&mut rng)))
+        .collect()
+}
+
+fn segment_expression(rng: &mut SplitMix64) -> String {
+    let country = |rng: &mut SplitMix64| COUNTRIES[skewed(rng, COUNTRIES.len() as u64) as usize].0;
+    let interest = |rng: &mut SplitMix64| INTERESTS[rng.below(INTERESTS.len() as u64) as usize];
+    match rng.below(14) {
+        0 => format!(
+            r#"country IN ("{}", "{}", "{}")"#,
+            country(rng),
+            country(rng),
+            country(rng)
+        ),
+        1 => format!(r#"interests HAS "{}""#, interest(rng)),
+        2 => format!(
+            r#"interests HAS ANY ("{}", "{}", "{}")"#,
+            interest(rng),
+            interest(rng),
+            interest(rng)
+        ),
+        3 => {
+            let low = 13 + rng.below(40);
+            format!("age BETWEEN {low} AND {}", low + 5 + rng.below(30))
+        }
+        4 => format!(
+            "lifetime_spend >= {}",
+            [0.01, 5.0, 10.0, 50.0, 500.0][rng.below(5) as usize]
+        ),
+        5 => format!("sessions_30d >= {}", 1 + rng.below(5)),
+        6 => format!(
+            r#"country IN ("{}", "{}") AND device = "{}""#,
+            country(rng),
+            country(rng),
+            DEVICES[rng.below(DEVICES.len() as u64) as usize].0
+        ),
+        7 => format!(
+            r#"interests HAS "{}" AND age < {} AND subscriber = {}"#,
+            interest(rng),
+            25 + rng.below(30),
+            ["TRUE", "FALSE"][rng.below(2) as usize]
+        ),
+        8 => {
+            let c = country(rng);
+            let r = skewed(rng, REGIONS);
+            format!(r#"city = "{c}-R{r}-C{}""#, skewed(rng, CITIES))
+        }
+        9 => format!(
+            r#"NOT country IN ("{}", "{}") AND lifetime_spend = 0 AND signup_ts >= NOW - {}d"#,
+            country(rng),
+            country(rng),
+            30 + rng.below(700)
+        ),
+        10 => format!(
+            "DID {} IN LAST {}d",
+            EVENT_NAMES[rng.below(EVENT_NAMES.len() as u64) as usize].0,
+            [7, 30, 90][rng.below(3) as usize]
+        ),
+        11 => format!(r#"NOT interests HAS "{}""#, interest(rng)),
+        12 => format!("signup_ts >= NOW - {}d", 90 + rng.below(1_000)),
+        _ => format!(
+            r#"interests HAS ALL ("{}", "{}") OR sessions_30d >= {}"#,
+            interest(rng),
+            interest(rng),
+            5 + rng.below(20)
+        ),
+    }
 }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use arrow_array::{Array, BooleanArray};
 use arrow_buffer::BooleanBuffer;
 use audience::engine::SegmentDefinition;
-use audience::rng::SplitMix64;
 use audience::time::Millis;
 
 /// A number from the environment, or `default`.
@@ -77,29 +76,11 @@ pub fn segment(id: String, text: &str, created_at: Millis) -> SegmentDefinition 
     }
 }
 
-/// `count` saved segments over the demo attributes (country, interests, age, device,
-/// subscriber, spend), the same in every run.
+/// `count` saved segments of the demo ([`audience::demo::segments`]: broad, combined,
+/// narrow and behavioural ones), the same in every run.
 pub fn segment_definitions(count: usize, created_at: Millis) -> Vec<SegmentDefinition> {
-    let countries: Vec<&str> = audience::demo::COUNTRIES.iter().map(|(c, _)| *c).collect();
-    let mut rng = SplitMix64::new(7);
-    (0..count)
-        .map(|i| {
-            let country = countries[rng.below(countries.len() as u64) as usize];
-            let interest = audience::demo::INTERESTS
-                [rng.below(audience::demo::INTERESTS.len() as u64) as usize];
-            let low = 13 + rng.below(50);
-            let text = match i % 4 {
-                0 => format!(r#"country = "{country}" AND interests HAS "{interest}""#),
-                1 => format!(r#"age BETWEEN {low} AND {} AND device = "ios""#, low + 10),
-                2 => format!(
-                    r#"interests HAS "{interest}" AND NOT subscriber = TRUE AND age >= {low}"#
-                ),
-                _ => format!(
-                    r#"country != "{country}" AND lifetime_spend > {}"#,
-                    rng.below(3_000)
-                ),
-            };
-            segment(format!("segment-{i:04}"), &text, created_at)
-        })
+    audience::demo::segments(count, 42)
+        .into_iter()
+        .map(|(id, text)| segment(id, &text, created_at))
         .collect()
 }

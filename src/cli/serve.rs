@@ -6,7 +6,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, LogFormat};
-use crate::engine::{DurableOptions, Engine, ImportBatch, SharedOptions, DEFAULT_DATASET};
+use crate::engine::{
+    DurableOptions, Engine, ImportBatch, SegmentDefinition, SharedOptions, DEFAULT_DATASET,
+};
 use crate::grpc::{serve, Services};
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
@@ -54,6 +56,9 @@ pub struct ServeArgs {
     /// Load N generated demo behaviour events (of the demo users) at start.
     #[arg(long, env = "AUDIENCE_DEMO_EVENTS")]
     demo_events: Option<u64>,
+    /// Create N generated saved segments over the demo data at start (needs `--demo-users`).
+    #[arg(long, env = "AUDIENCE_DEMO_SEGMENTS")]
+    demo_segments: Option<u64>,
     /// The only directory server-side imports may read from.
     #[arg(long, env = "AUDIENCE_IMPORT_DIR")]
     import_dir: Option<PathBuf>,
@@ -119,6 +124,9 @@ impl ServeArgs {
         if let Some(n) = self.demo_events {
             config.demo_events = n;
         }
+        if let Some(n) = self.demo_segments {
+            config.demo_segments = n;
+        }
         if let Some(dir) = &self.import_dir {
             config.import_dir = Some(dir.clone());
         }
@@ -174,7 +182,11 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     let durable = durable_options(&config, args.recover_truncate);
     let shared = shared_options(&config);
-    let (demo_users, demo_events) = (config.demo_users, config.demo_events);
+    let demo = DemoSize {
+        users: config.demo_users,
+        events: config.demo_events,
+        segments: config.demo_segments,
+    };
     let ready = async move {
         if let Some(options) = durable {
             let report = engine
@@ -195,8 +207,8 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         let has_default = engine
             .snapshot(DEFAULT_DATASET)
             .is_ok_and(|state| !state.is_empty());
-        if demo_users > 0 && !has_default {
-            load_demo(&engine, demo_users, demo_events).await?;
+        if demo.users > 0 && !has_default {
+            load_demo(&engine, demo).await?;
         }
         engine.progress().finish();
         Ok(())
@@ -233,13 +245,71 @@ fn shared_options(config: &Config) -> Option<SharedOptions> {
     })
 }
 
-/// Loads the demo users and then their events, counting both in the load progress.
-async fn load_demo(engine: &Arc<Engine>, users: u64, events: u64) -> Result<(), String> {
-    engine.progress().begin(users + events);
-    load_demo_users(engine, users).await?;
-    if events > 0 {
-        load_demo_events(engine, users, events).await?;
+/// What `--demo-*` asks to generate.
+#[derive(Debug, Clone, Copy)]
+struct DemoSize {
+    users: u64,
+    events: u64,
+    segments: u64,
+}
+
+/// Loads the demo users, then their events, then the saved segments, counting all three in
+/// the load progress.
+async fn load_demo(engine: &Arc<Engine>, demo: DemoSize) -> Result<(), String> {
+    engine
+        .progress()
+        .begin(demo.users + demo.events + demo.segments);
+    load_demo_users(engine, demo.users).await?;
+    if demo.events > 0 {
+        load_demo_events(engine, demo.users, demo.events).await?;
     }
+    if demo.segments > 0 {
+        create_demo_segments(engine, demo).await?;
+    }
+    Ok(())
+}
+
+/// Creates the demo's saved segments one by one, as a team would, logging progress every ~10%.
+///
+/// # Errors
+/// As [`load_demo_users`].
+async fn create_demo_segments(engine: &Arc<Engine>, demo: DemoSize) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let definitions = crate::demo::segments(demo.segments as usize, 42);
+    let step = (definitions.len() / 10).max(1);
+    for (done, (id, text)) in definitions.into_iter().enumerate() {
+        let expression = crate::expr::parse(&text)
+            .map_err(|e| format!("demo segment {id} ({text}) does not parse: {e}"))?;
+        let now = engine.now();
+        let definition = SegmentDefinition {
+            name: id.clone(),
+            id: id.clone(),
+            description: String::new(),
+            labels: Default::default(),
+            expression,
+            created_at: now,
+            updated_at: now,
+        };
+        engine
+            .create_segment(DEFAULT_DATASET, definition)
+            .await
+            .map_err(|e| format!("demo segment {id} ({text}) failed: {e}"))?;
+        engine
+            .progress()
+            .advance(demo.users + demo.events + done as u64 + 1);
+        if (done + 1) % step == 0 {
+            tracing::info!(
+                created = done + 1,
+                segments = demo.segments,
+                "creating demo segments"
+            );
+        }
+    }
+    tracing::info!(
+        segments = demo.segments,
+        seconds = started.elapsed().as_secs_f64(),
+        "demo segments created"
+    );
     Ok(())
 }
 

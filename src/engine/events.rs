@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use super::change::{ChangeOutcome, EventRecord};
 use super::error::{EngineError, Result};
+use super::maintenance::Written;
 use super::plan::Binder;
 use super::state::DatasetState;
 use crate::expr::{Expr, Literal, Predicate, Value, Window};
@@ -166,7 +167,7 @@ impl DatasetState {
             return Ok(());
         }
         let order = self.segment_order();
-        self.refresh_segments(&order, affected.as_ref(), now)
+        self.refresh_segments(&order, affected.as_ref(), &Written::Anything, now)
     }
 
     /// Users whose membership in some segment can differ between `then` and `now`: those with

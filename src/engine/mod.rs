@@ -27,6 +27,7 @@ pub mod event_import;
 pub mod events;
 pub mod feed;
 pub mod import;
+pub mod maintenance;
 pub mod pipeline;
 pub mod plan;
 pub mod query;

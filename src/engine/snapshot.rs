@@ -462,11 +462,8 @@ fn read_segments(
                 .map_err(|e| format!("segment '{id}': {e}"))?;
             let members = bitmap_from(users.value(row))?;
             state.membership.update(slot, &members, &Bitmap::new());
-            let segment = Segment {
-                definition,
-                members: Arc::new(members),
-                slot,
-            };
+            let segment = Segment::new(definition, Arc::new(members), slot);
+            state.order_cache = std::sync::OnceLock::new();
             state.segments.insert(id.to_owned(), Arc::new(segment));
         }
     }

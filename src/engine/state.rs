@@ -5,13 +5,14 @@
 //! behind and readers never see half of one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::change::{
     AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, SegmentDefinition, UserUpdate,
 };
 use super::error::{EngineError, Result};
 use super::eval::Scope;
+use super::maintenance::{SegmentReads, Written};
 use super::plan::Binder;
 use crate::index::events::EventStore;
 use crate::index::keys::DenseId;
@@ -28,9 +29,21 @@ pub struct Segment {
     pub members: Arc<Bitmap>,
     /// The segment's bit in [`DatasetState::membership`].
     pub slot: usize,
+    /// What the definition reads, so that a write skips segments it cannot change.
+    pub reads: Arc<SegmentReads>,
 }
 
 impl Segment {
+    /// A segment of `definition` holding `members` in `slot`.
+    pub fn new(definition: SegmentDefinition, members: Arc<Bitmap>, slot: usize) -> Self {
+        Self {
+            reads: Arc::new(SegmentReads::of(&definition.expression)),
+            definition,
+            members,
+            slot,
+        }
+    }
+
     /// Current members.
     pub fn size(&self) -> u64 {
         self.members.len()
@@ -61,6 +74,9 @@ pub struct DatasetState {
     /// The log record this version is the result of ([`Position::START`] in memory only), so
     /// that replay after a snapshot skips what the snapshot holds.
     pub log_position: Position,
+    /// [`DatasetState::segment_order`], computed once per set of definitions; reset wherever
+    /// a definition is added, replaced or removed.
+    pub order_cache: OnceLock<Arc<[String]>>,
     /// Membership changes made by the change being applied, in order; the engine takes them
     /// (leaving this empty) before it publishes the version, to feed watchers.
     pub transitions: Vec<SegmentTransition>,
@@ -87,17 +103,17 @@ impl DatasetState {
         }
         self.transitions.clear();
         let empty = Bitmap::new();
-        for id in self.segment_order() {
-            let Some(segment) = self.segments.get(&id) else {
+        for id in self.segment_order().iter() {
+            let Some(segment) = self.segments.get(id) else {
                 continue;
             };
             let after = segment.members.clone();
-            let was = before.segments.get(&id).map_or(&empty, |s| &*s.members);
-            self.record_transition(&id, &(&*after - was), &(was - &*after));
+            let was = before.segments.get(id).map_or(&empty, |s| &*s.members);
+            self.record_transition(id, &(&*after - was), &(was - &*after));
         }
     }
 
-    fn record_transition(&mut self, segment: &str, entered: &Bitmap, left: &Bitmap) {
+    pub(super) fn record_transition(&mut self, segment: &str, entered: &Bitmap, left: &Bitmap) {
         if entered.is_empty() && left.is_empty() {
             return;
         }
@@ -143,17 +159,27 @@ impl DatasetState {
         let outcome = match change {
             Change::UpsertUsers(updates) => {
                 let (outcome, touched) = self.upsert_users(updates)?;
-                self.after_user_writes(&touched, now)?;
+                let written = if outcome.created > 0 {
+                    Written::Anything
+                } else {
+                    Written::attributes(
+                        updates
+                            .iter()
+                            .flat_map(|u| &u.changes)
+                            .map(|c| c.attribute.as_str()),
+                    )
+                };
+                self.after_user_writes(&touched, &written, now)?;
                 outcome
             }
             Change::DeleteUsers(user_ids) => {
                 let (outcome, touched) = self.delete_users(user_ids);
-                self.after_user_writes(&touched, now)?;
+                self.after_user_writes(&touched, &Written::Deleted, now)?;
                 outcome
             }
             Change::ImportUsers(batch) => {
                 let (outcome, touched) = super::import::apply_batch(self, batch)?;
-                self.after_user_writes(&touched, now)?;
+                self.after_user_writes(&touched, &Written::Anything, now)?;
                 outcome
             }
             Change::DeclareAttributes(declarations) => {
@@ -184,7 +210,12 @@ impl DatasetState {
             }
             Change::RecordEvents(events) => {
                 let (outcome, touched) = self.record_events(events, now)?;
-                self.after_user_writes(&touched, now)?;
+                let written = if outcome.created > 0 {
+                    Written::Anything
+                } else {
+                    Written::events(events.iter().map(|e| e.event.as_str()))
+                };
+                self.after_user_writes(&touched, &written, now)?;
                 outcome
             }
             Change::AdvanceTime => {
@@ -336,86 +367,6 @@ impl DatasetState {
         (outcome, touched)
     }
 
-    /// Rebalances range indexes and brings every segment up to date for `touched` users.
-    pub(super) fn after_user_writes(&mut self, touched: &Bitmap, now: Millis) -> Result<()> {
-        if touched.is_empty() {
-            return Ok(());
-        }
-        for attribute in self.attributes.values_mut() {
-            if matches!(
-                attribute.kind(),
-                AttributeKind::Integer | AttributeKind::Float | AttributeKind::Timestamp
-            ) {
-                Arc::make_mut(attribute).rebalance();
-            }
-        }
-        let order = self.segment_order();
-        self.refresh_segments(&order, Some(touched), now)
-    }
-
-    /// Re-evaluates `order` (dependencies first) for `touched` users, or fully when `None`.
-    pub(super) fn refresh_segments(
-        &mut self,
-        order: &[String],
-        touched: Option<&Bitmap>,
-        now: Millis,
-    ) -> Result<()> {
-        // Evaluating a large batch within itself costs more than evaluating once over everyone.
-        let touched = touched.filter(|t| t.len().saturating_mul(2) < self.live.len());
-        let scope_users = touched.map(|t| t & &*self.live);
-        for id in order {
-            let Some(segment) = self.segments.get(id) else {
-                continue;
-            };
-            let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
-            let old = segment.members.clone();
-            let slot = segment.slot;
-            let (members, entered, left) = match (touched, &scope_users) {
-                (Some(touched), Some(scope)) => {
-                    let entering = plan.select(Scope::Within(scope));
-                    let was = &*old & touched;
-                    let entered = &entering - &was;
-                    let left = &was - &entering;
-                    ((&*old - touched) | entering, entered, left)
-                }
-                _ => {
-                    let members = plan.select(Scope::All(&self.live));
-                    let entered = &members - &*old;
-                    let left = &*old - &members;
-                    (members, entered, left)
-                }
-            };
-            self.membership.update(slot, &entered, &left);
-            self.record_transition(id, &entered, &left);
-            if let Some(segment) = self.segments.get_mut(id) {
-                Arc::make_mut(segment).members = Arc::new(members);
-            }
-        }
-        Ok(())
-    }
-
-    /// Every segment id, each after the segments it references.
-    pub fn segment_order(&self) -> Vec<String> {
-        let mut order = Vec::with_capacity(self.segments.len());
-        let mut seen = BTreeSet::new();
-        for id in self.segments.keys() {
-            self.visit_segment(id, &mut seen, &mut order);
-        }
-        order
-    }
-
-    fn visit_segment(&self, id: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
-        if !seen.insert(id.to_owned()) {
-            return;
-        }
-        if let Some(segment) = self.segments.get(id) {
-            for dependency in segment.definition.expression.segment_refs() {
-                self.visit_segment(dependency, seen, order);
-            }
-            order.push(id.to_owned());
-        }
-    }
-
     fn put_segment(&mut self, definition: SegmentDefinition, now: Millis) -> Result<()> {
         validate_segment_id(&definition.id)?;
         self.check_references(&definition)?;
@@ -431,18 +382,16 @@ impl DatasetState {
         self.record_transition(&id, &entered, &left);
         self.segments.insert(
             id.clone(),
-            Arc::new(Segment {
-                definition,
-                members: Arc::new(members),
-                slot,
-            }),
+            Arc::new(Segment::new(definition, Arc::new(members), slot)),
         );
+        self.order_cache = OnceLock::new();
         let dependents: Vec<String> = self
             .segment_order()
-            .into_iter()
-            .filter(|other| *other != id && self.depends_on(other, &id))
+            .iter()
+            .filter(|other| **other != id && self.depends_on(other, &id))
+            .cloned()
             .collect();
-        self.refresh_segments(&dependents, None, now)
+        self.refresh_segments(&dependents, None, &Written::Anything, now)
     }
 
     /// Unknown references and cycles through the new definition.
@@ -561,6 +510,7 @@ impl DatasetState {
             });
         }
         if let Some(segment) = self.segments.remove(id) {
+            self.order_cache = OnceLock::new();
             self.membership
                 .remove_segment(segment.slot, &segment.members);
             // Recorded even when the segment was empty: watchers learn of the deletion.

@@ -8,6 +8,7 @@ use arrow_array::RecordBatch;
 
 use super::change::{Change, ChangeOutcome, ImportBatch};
 use super::error::{EngineError, Result};
+use super::maintenance::Written;
 use super::record::{ImportPart, LogRecord, RecordBody};
 use super::state::DatasetState;
 use super::{event_import, feed, register, unregister, Dataset, Engine, Pending, Registry};
@@ -68,7 +69,7 @@ impl ImportSteps {
                 if self.has_staged() {
                     let staged = std::mem::take(&mut self.staged);
                     state.events.add(staged.batch);
-                    state.after_user_writes(&staged.touched, now)?;
+                    state.after_user_writes(&staged.touched, &Written::Anything, now)?;
                     state.version += 1;
                     drop(staged.touched);
                     // The staging (8 bytes an event) is free now; do not keep the import's peak.

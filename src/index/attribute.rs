@@ -581,6 +581,16 @@ impl Attribute {
         }
     }
 
+    /// Whether [`Attribute::rebalance`] has work to do; cheap, so that a writer takes the
+    /// attribute for writing (a copy while a snapshot shares it) only when it must.
+    pub fn needs_rebalance(&self) -> bool {
+        match self {
+            Attribute::Integer(a) | Attribute::Timestamp(a) => a.needs_rebalance(),
+            Attribute::Float(a) => a.needs_rebalance(),
+            Attribute::Categorical(_) | Attribute::Set(_) | Attribute::Boolean(_) => false,
+        }
+    }
+
     /// Re-cuts range indexes that fell out of balance after writes.
     pub fn rebalance(&mut self) {
         match self {

@@ -37,6 +37,10 @@ pub trait NumericValue:
 
     /// `low <= self <= high`, the hot comparison of range scans.
     fn within(self, low: Self, high: Self) -> bool;
+
+    /// The smallest value above `self` (itself at the top), so that `[v, v.successor())` is a
+    /// bucket holding `v` alone.
+    fn successor(self) -> Self;
 }
 
 impl NumericValue for i64 {
@@ -47,6 +51,9 @@ impl NumericValue for i64 {
     #[inline]
     fn within(self, low: Self, high: Self) -> bool {
         low <= self && self <= high
+    }
+    fn successor(self) -> Self {
+        self.saturating_add(1)
     }
 }
 
@@ -60,6 +67,9 @@ impl NumericValue for f64 {
     #[inline]
     fn within(self, low: Self, high: Self) -> bool {
         low <= self && self <= high
+    }
+    fn successor(self) -> Self {
+        self.next_up()
     }
 }
 
@@ -153,6 +163,11 @@ pub struct NumericColumn<T: NumericValue> {
     buckets: Vec<Bucket<T>>,
     /// Users with a value at the last rebuild.
     rebuilt_at: u64,
+    /// The largest multi-value bucket the last rebuild left: data that cannot be balanced
+    /// better must not trigger a rebuild on every write.
+    worst_after_rebuild: u64,
+    /// Rebuilds so far: they read every value, so tests hold them to an amortized bound.
+    rebuilds: u64,
     /// `cumulative[i]`: the members of buckets `0..=i`; kept while there are few buckets.
     cumulative: Option<Vec<Arc<Bitmap>>>,
 }
@@ -164,6 +179,8 @@ impl<T: NumericValue> Default for NumericColumn<T> {
             present: Arc::new(Bitmap::new()),
             buckets: vec![Bucket::empty(T::LOWEST)],
             rebuilt_at: 0,
+            worst_after_rebuild: 0,
+            rebuilds: 0,
             cumulative: None,
         }
     }
@@ -364,27 +381,47 @@ impl<T: NumericValue> NumericColumn<T> {
     }
 
     /// Re-cuts the buckets when one has grown far past its share, so edge passes stay small.
-    /// Cheap when nothing is out of balance: it only looks at bucket sizes.
     ///
     /// A rebuild reads every value, so after one the column must grow by half, or a bucket grow
-    /// to 8× its share, before the next: rebuilds stay amortized O(1) per write even when the
-    /// data cannot be balanced (one value held by most users).
+    /// to 8× its share and twice what the rebuild left, before the next: rebuilds stay amortized
+    /// O(1) per write even when the data cannot be balanced. A value held by many users gets a
+    /// bucket of its own (see [`NumericColumn::sample_bounds`]), which never counts as out of
+    /// balance: no cut can split one value.
     pub fn rebalance(&mut self) {
+        if self.needs_rebalance() {
+            self.rebuild();
+        }
+    }
+
+    /// Whether [`NumericColumn::rebalance`] would rebuild: it only looks at bucket sizes, so a
+    /// caller can ask before taking the column for writing.
+    pub fn needs_rebalance(&self) -> bool {
         let present = self.present.len();
-        let share = present / DEPTH_BUCKETS as u64;
-        let limit = (2 * share).max(MIN_REBUILD_BUCKET);
+        let limit = self.bucket_limit(present);
+        let worst = self.worst_bucket();
         let grown = present >= self.rebuilt_at + self.rebuilt_at / 2;
-        let worst = self
-            .buckets
+        let much_worse = worst > 4 * limit && worst >= 2 * self.worst_after_rebuild;
+        worst > limit && (grown || much_worse)
+    }
+
+    /// How many times the index was rebuilt.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds
+    }
+
+    /// Members of the largest bucket holding more than one value.
+    fn worst_bucket(&self) -> u64 {
+        self.buckets
             .iter()
             .filter(|b| b.min.order(&b.max).is_ne())
             .map(|b| b.members.len())
             .max()
-            .unwrap_or(0);
-        if worst > limit && (grown || worst > 4 * limit) {
-            self.rebuild();
-            self.rebuilt_at = present;
-        }
+            .unwrap_or(0)
+    }
+
+    /// The size past which a bucket is out of balance.
+    fn bucket_limit(&self, present: u64) -> u64 {
+        (2 * (present / DEPTH_BUCKETS as u64)).max(MIN_REBUILD_BUCKET)
     }
 
     /// Heap bytes of the column and its index.
@@ -502,6 +539,9 @@ impl<T: NumericValue> NumericColumn<T> {
             bucket.members = Arc::new(set);
         }
         self.buckets = buckets;
+        self.rebuilt_at = self.present.len();
+        self.worst_after_rebuild = self.worst_bucket();
+        self.rebuilds += 1;
         self.cumulative = (self.buckets.len() <= CUMULATIVE_MAX_BUCKETS).then(|| {
             let mut running = Bitmap::new();
             self.buckets
@@ -532,13 +572,28 @@ impl<T: NumericValue> NumericColumn<T> {
             bounds.extend(distinct);
         } else {
             // Quantiles of the values with their repeats, so each bucket holds a similar number
-            // of users; a value repeated past a bucket's share gets a bucket of its own.
+            // of users; a value repeated past a bucket's share gets a bucket of its own,
+            // `[v, v.successor())`, or the values next to it would share its oversized bucket.
             let step = sample.len() as f64 / DEPTH_BUCKETS as f64;
             bounds.extend((1..DEPTH_BUCKETS).map(|i| sample[(i as f64 * step) as usize]));
+            for heavy in heavy_values(&sample, step as usize) {
+                bounds.push(heavy);
+                bounds.push(heavy.successor());
+            }
+            bounds.sort_unstable_by(T::order);
         }
         bounds.dedup_by(|a, b| a.order(b).is_eq());
         bounds
     }
+}
+
+/// The values of a sorted sample repeated more than `share` times.
+fn heavy_values<T: NumericValue>(sorted: &[T], share: usize) -> Vec<T> {
+    sorted
+        .chunk_by(|a, b| a.order(b).is_eq())
+        .filter(|run| run.len() > share)
+        .map(|run| run[0])
+        .collect()
 }
 
 #[cfg(test)]
@@ -665,5 +720,56 @@ mod tests {
         assert_eq!(got, vec![0, 1, 2, 3, 4, 7, 8, 9, 10]);
         assert_eq!(column.get(5), Some(9_999.5));
         assert_eq!(column.get(6), None);
+    }
+
+    /// Zero-inflated spend (most users at exactly 0, a few price points, a long tail): single
+    /// writes anywhere in it must not rebuild the index each time, as they did while the bucket
+    /// around the heavy value stayed over its limit whatever the cut.
+    #[test]
+    fn single_writes_over_a_heavy_value_do_not_rebuild_each_time() {
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let spend = |rng: &mut crate::rng::SplitMix64| match rng.below(100) {
+            0..=59 => 0.0,
+            60..=69 => 9.99,
+            _ => (rng.unit() * 5_000.0 * 100.0).round() / 100.0,
+        };
+        let rows: Vec<(u32, Option<f64>)> = (0..200_000u32)
+            .map(|id| (id, Some(spend(&mut rng))))
+            .collect();
+        let mut values: Vec<Option<f64>> = rows.iter().map(|r| r.1).collect();
+        let mut column = NumericColumn::<f64>::from_rows(&rows);
+        let built = column.rebuilds();
+        for _ in 0..3_000 {
+            let id = rng.below(200_000) as u32;
+            let value = spend(&mut rng);
+            column.set(id, value);
+            values[id as usize] = Some(value);
+            column.rebalance();
+        }
+        assert!(
+            column.rebuilds() <= built + 1,
+            "{} rebuilds for 3,000 single writes",
+            column.rebuilds() - built
+        );
+        for (low, high) in [
+            (0.0, 0.0),
+            (0.0, 9.99),
+            (0.01, 100.0),
+            (9.99, 9.99),
+            (10.0, 5e3),
+        ] {
+            let range = ValueRange { low, high };
+            let expected: Vec<u32> = (0..values.len() as u32)
+                .filter(|&id| values[id as usize].is_some_and(|v| range.contains(v)))
+                .collect();
+            let got: Vec<u32> = column.select(&range, None).iter().collect();
+            assert_eq!(got, expected, "{range:?}");
+        }
+        // The heavy values have buckets of their own: a range next to them reads few rows.
+        let zero = column.bucket_of(0.0);
+        assert_eq!(
+            column.buckets[zero].min.order(&column.buckets[zero].max),
+            Ordering::Equal
+        );
     }
 }

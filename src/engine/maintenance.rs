@@ -1,0 +1,213 @@
+//! Keeping saved segments current after a write: which segments a write can change, and
+//! re-evaluating only those, only for the users it touched.
+//!
+//! A single-user write into a dataset with a thousand segments must cost what it touches: a
+//! segment that reads none of the written attributes or events keeps its members as they are
+//! (no evaluation, no copy of its bitmap), and one whose members did not change is not copied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::error::Result;
+use super::eval::Scope;
+use super::plan::Binder;
+use super::state::DatasetState;
+use crate::expr::{Expr, Predicate};
+use crate::index::Bitmap;
+use crate::time::Millis;
+
+/// What a write changed about the users it touched, so that segment maintenance re-evaluates
+/// only the segments that read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Anything about them may have changed (users created, imported; time moved on): every
+    /// segment is evaluated for them.
+    Anything,
+    /// Only these attributes and event names of users that already existed.
+    Only {
+        attributes: BTreeSet<String>,
+        events: BTreeSet<String>,
+    },
+    /// The users were deleted: they leave every segment, and nothing needs evaluating.
+    Deleted,
+}
+
+impl Written {
+    /// Attributes of existing users.
+    pub fn attributes<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Written::Only {
+            attributes: names.into_iter().map(str::to_owned).collect(),
+            events: BTreeSet::new(),
+        }
+    }
+
+    /// Events of existing users.
+    pub fn events<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Written::Only {
+            attributes: BTreeSet::new(),
+            events: names.into_iter().map(str::to_owned).collect(),
+        }
+    }
+}
+
+/// What a segment's definition reads, computed once when it is defined.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SegmentReads {
+    attributes: BTreeSet<String>,
+    events: BTreeSet<String>,
+    segments: BTreeSet<String>,
+}
+
+impl SegmentReads {
+    /// The attributes, event names and segments `expression` reads.
+    pub fn of(expression: &Expr) -> Self {
+        let mut reads = SegmentReads::default();
+        for predicate in expression.predicates() {
+            match predicate {
+                Predicate::Equals { attribute, .. }
+                | Predicate::In { attribute, .. }
+                | Predicate::Has { attribute, .. }
+                | Predicate::HasAny { attribute, .. }
+                | Predicate::HasAll { attribute, .. }
+                | Predicate::Compare { attribute, .. }
+                | Predicate::Between { attribute, .. }
+                | Predicate::IsNull { attribute, .. } => {
+                    reads.attributes.insert(attribute.clone());
+                }
+                Predicate::Segment { id } => {
+                    reads.segments.insert(id.clone());
+                }
+                Predicate::Did { event, .. } => {
+                    reads.events.insert(event.clone());
+                }
+            }
+        }
+        reads
+    }
+
+    /// Whether a write of `written`, which changed the members of `changed`, can change this
+    /// segment's members.
+    fn affected_by(&self, written: &Written, changed: &BTreeSet<&str>) -> bool {
+        match written {
+            Written::Anything | Written::Deleted => true,
+            Written::Only { attributes, events } => {
+                !self.attributes.is_disjoint(attributes)
+                    || !self.events.is_disjoint(events)
+                    || self.segments.iter().any(|s| changed.contains(s.as_str()))
+            }
+        }
+    }
+}
+
+impl DatasetState {
+    /// Rebalances range indexes and brings every segment up to date for `touched` users.
+    ///
+    /// # Errors
+    /// A segment that no longer binds (which writes prevent).
+    pub(super) fn after_user_writes(
+        &mut self,
+        touched: &Bitmap,
+        written: &Written,
+        now: Millis,
+    ) -> Result<()> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        for attribute in self.attributes.values_mut() {
+            if attribute.needs_rebalance() {
+                Arc::make_mut(attribute).rebalance();
+            }
+        }
+        let order = self.segment_order();
+        self.refresh_segments(&order, Some(touched), written, now)
+    }
+
+    /// Re-evaluates the segments of `order` (dependencies first) that `written` can change, for
+    /// `touched` users, or fully when `None`.
+    ///
+    /// # Errors
+    /// As [`DatasetState::after_user_writes`].
+    pub(super) fn refresh_segments(
+        &mut self,
+        order: &[String],
+        touched: Option<&Bitmap>,
+        written: &Written,
+        now: Millis,
+    ) -> Result<()> {
+        // Evaluating a large batch within itself costs more than evaluating once over everyone.
+        let touched = touched.filter(|t| t.len().saturating_mul(2) < self.live.len());
+        let scope_users = touched.map(|t| t & &*self.live);
+        let mut changed: BTreeSet<&str> = BTreeSet::new();
+        for id in order {
+            let Some(segment) = self.segments.get(id) else {
+                continue;
+            };
+            if !segment.reads.affected_by(written, &changed) {
+                continue;
+            }
+            let old = segment.members.clone();
+            let slot = segment.slot;
+            let (members, entered, left) = match (touched, &scope_users) {
+                (Some(touched), _) if *written == Written::Deleted => {
+                    (None, Bitmap::new(), &*old & touched)
+                }
+                (Some(touched), Some(scope)) => {
+                    let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
+                    let entering = plan.select(Scope::Within(scope));
+                    let was = &*old & touched;
+                    (None, &entering - &was, &was - &entering)
+                }
+                _ => {
+                    let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
+                    let members = plan.select(Scope::All(&self.live));
+                    let entered = &members - &*old;
+                    let left = &*old - &members;
+                    (Some(members), entered, left)
+                }
+            };
+            if entered.is_empty() && left.is_empty() {
+                continue;
+            }
+            let members = members.unwrap_or_else(|| {
+                let mut members = (*old).clone();
+                members -= &left;
+                members |= &entered;
+                members
+            });
+            self.membership.update(slot, &entered, &left);
+            self.record_transition(id, &entered, &left);
+            if let Some(segment) = self.segments.get_mut(id) {
+                Arc::make_mut(segment).members = Arc::new(members);
+            }
+            changed.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Every segment id, each after the segments it references; computed once per set of
+    /// definitions (every write walks it).
+    pub fn segment_order(&self) -> Arc<[String]> {
+        self.order_cache
+            .get_or_init(|| {
+                let mut order = Vec::with_capacity(self.segments.len());
+                let mut seen = BTreeSet::new();
+                for id in self.segments.keys() {
+                    self.visit_segment(id, &mut seen, &mut order);
+                }
+                order.into()
+            })
+            .clone()
+    }
+
+    fn visit_segment(&self, id: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
+        if !seen.insert(id.to_owned()) {
+            return;
+        }
+        if let Some(segment) = self.segments.get(id) {
+            for dependency in segment.definition.expression.segment_refs() {
+                self.visit_segment(dependency, seen, order);
+            }
+            order.push(id.to_owned());
+        }
+    }
+}
