@@ -76,7 +76,7 @@ impl Plan {
                 Some(within) => intersect_all(sets.iter().map(|s| &**s).chain([within])),
             },
             Plan::Range(leaf) => leaf.select(scope.restriction()),
-            Plan::Did(leaf) => leaf.series.select(leaf.window, leaf.k, scope.restriction()),
+            Plan::Did(leaf) => leaf.select(scope.restriction()),
             Plan::Not(inner) => scope.users() - inner.select(scope),
             Plan::And(children) => select_and(children, scope),
             Plan::Or(children) => {

@@ -161,6 +161,9 @@ impl DatasetState {
         let affected = self
             .time_refreshed_at
             .map(|then| self.moved_users(then, now, cutoff));
+        // Deletes only mark their users' events; the periodic time step drops them, in one
+        // pass for every user deleted since the last.
+        self.events.purge();
         self.events.retain_from(cutoff);
         self.time_refreshed_at = Some(now);
         if affected.as_ref().is_some_and(Bitmap::is_empty) || self.segments.is_empty() {

@@ -93,6 +93,20 @@ pub struct DidLeaf {
     pub series: Arc<EventSeries>,
     pub window: TimeWindow,
     pub k: u64,
+    /// Deleted users whose events the series still holds (see `EventStore::erased`).
+    pub erased: Arc<Bitmap>,
+}
+
+impl DidLeaf {
+    /// Matching users among `within` (every live user when `None`).
+    pub fn select(&self, within: Option<&Bitmap>) -> Bitmap {
+        let found = self.series.select(self.window, self.k, within);
+        match within {
+            // A scope holds only live users, so nothing deleted can be in the answer.
+            None if !self.erased.is_empty() => found - &*self.erased,
+            _ => found,
+        }
+    }
 }
 
 /// The absolute window of a DID predicate at `as_of` (no window: all time).
@@ -186,6 +200,7 @@ impl<'a> Binder<'a> {
                         series: series.clone(),
                         window,
                         k: at_least.unwrap_or(1),
+                        erased: self.state.events.erased().clone(),
                     }),
                     _ => Plan::Empty,
                 })

@@ -1,19 +1,25 @@
-//! A growable column split into shared chunks, so that a writer copies only the chunks it touches.
+//! A growable column split into shared pieces, so that a writer copies only what it touches.
 //!
 //! Readers hold an immutable snapshot; a writer works on a shallow clone and `Arc::make_mut`
-//! copies a chunk (64 Ki values) only while an older snapshot still shares it.
+//! copies a piece only while an older snapshot still shares it. Two levels keep both costs
+//! small: a write copies one leaf of 4 Ki values (32 KiB of `f64`) and one node of 16 leaf
+//! pointers, never a whole 64 Ki-value chunk, while a shallow clone of the column copies one
+//! pointer per 64 Ki ids (about 150 at 10,000,000 users), not one per leaf.
 
 use std::sync::Arc;
 
-/// Values per chunk: the same span as a roaring container, so both grow together.
-const CHUNK_BITS: u32 = 16;
-const CHUNK_LEN: usize = 1 << CHUNK_BITS;
+/// Values per leaf.
+const LEAF_BITS: u32 = 12;
+const LEAF_LEN: usize = 1 << LEAF_BITS;
+/// Leaves per node: a node spans 64 Ki ids, as a roaring container does.
+const NODE_BITS: u32 = 4;
+const NODE_LEN: usize = 1 << NODE_BITS;
 
 /// A column of `T` indexed by dense user id, with a fill value for ids never written.
 #[derive(Debug, Clone)]
 pub struct ChunkedVec<T: Copy> {
-    /// Full chunks of `CHUNK_LEN` values each; the last may be shorter.
-    chunks: Vec<Arc<Vec<T>>>,
+    /// `nodes[id >> 16][(id >> 12) & 15][id & 4095]`; every leaf holds `LEAF_LEN` values.
+    nodes: Vec<Arc<Vec<Arc<Vec<T>>>>>,
     /// Number of addressable values.
     len: usize,
     /// What ids beyond the written ones read as (the column's null).
@@ -24,7 +30,7 @@ impl<T: Copy> ChunkedVec<T> {
     /// An empty column whose unwritten slots read as `fill`.
     pub fn new(fill: T) -> Self {
         Self {
-            chunks: Vec::new(),
+            nodes: Vec::new(),
             len: 0,
             fill,
         }
@@ -33,27 +39,21 @@ impl<T: Copy> ChunkedVec<T> {
     /// The value at `id`, or the fill value past the end.
     #[inline]
     pub fn get(&self, id: u32) -> T {
-        let chunk = (id >> CHUNK_BITS) as usize;
-        let offset = (id as usize) & (CHUNK_LEN - 1);
-        self.chunks
-            .get(chunk)
-            .and_then(|values| values.get(offset))
+        let index = id as usize;
+        self.nodes
+            .get(index >> (LEAF_BITS + NODE_BITS))
+            .and_then(|node| node.get((index >> LEAF_BITS) & (NODE_LEN - 1)))
+            .and_then(|leaf| leaf.get(index & (LEAF_LEN - 1)))
             .copied()
             .unwrap_or(self.fill)
     }
 
     /// Sets the value at `id`, growing the column with fill values as needed.
     pub fn set(&mut self, id: u32, value: T) {
-        let index = id as usize;
-        if index >= self.len {
-            self.grow_to(index + 1);
-        }
-        let chunk = index >> CHUNK_BITS;
-        let offset = index & (CHUNK_LEN - 1);
-        Arc::make_mut(&mut self.chunks[chunk])[offset] = value;
+        self.set_many(&[(id, value)]);
     }
 
-    /// Sets many values, taking each chunk for writing once per run of ids in it (a bulk load
+    /// Sets many values, taking each leaf for writing once per run of ids in it (a bulk load
     /// would otherwise pay an atomic uniqueness check per value).
     pub fn set_many(&mut self, items: &[(u32, T)]) {
         if let Some(max) = items.iter().map(|(id, _)| *id as usize).max() {
@@ -63,16 +63,15 @@ impl<T: Copy> ChunkedVec<T> {
         }
         let mut items = items.iter().peekable();
         while let Some(&(id, value)) = items.next() {
-            let index = id as usize;
-            let chunk_index = index >> CHUNK_BITS;
-            let chunk = Arc::make_mut(&mut self.chunks[chunk_index]);
-            chunk[index & (CHUNK_LEN - 1)] = value;
+            let leaf_index = id as usize >> LEAF_BITS;
+            let node = Arc::make_mut(&mut self.nodes[leaf_index >> NODE_BITS]);
+            let leaf = Arc::make_mut(&mut node[leaf_index & (NODE_LEN - 1)]);
+            leaf[id as usize & (LEAF_LEN - 1)] = value;
             while let Some(&&(next, value)) = items.peek() {
-                let next = next as usize;
-                if next >> CHUNK_BITS != chunk_index {
+                if next as usize >> LEAF_BITS != leaf_index {
                     break;
                 }
-                chunk[next & (CHUNK_LEN - 1)] = value;
+                leaf[next as usize & (LEAF_LEN - 1)] = value;
                 items.next();
             }
         }
@@ -88,28 +87,25 @@ impl<T: Copy> ChunkedVec<T> {
         self.len == 0
     }
 
-    /// Heap bytes held by the values (shared chunks are counted in full).
+    /// Heap bytes held by the values (shared leaves are counted in full).
     pub fn heap_bytes(&self) -> usize {
-        self.chunks.iter().map(|c| c.capacity()).sum::<usize>() * std::mem::size_of::<T>()
+        let leaves: usize = self.nodes.iter().map(|node| node.len()).sum();
+        leaves * LEAF_LEN * std::mem::size_of::<T>()
     }
 
+    /// Adds fill-valued leaves until `new_len` ids are addressable.
     fn grow_to(&mut self, new_len: usize) {
-        while self.len < new_len {
-            let chunk = self.len >> CHUNK_BITS;
-            if chunk == self.chunks.len() {
-                self.chunks.push(Arc::new(Vec::new()));
+        let mut leaves: usize = self.nodes.iter().map(|node| node.len()).sum();
+        while leaves * LEAF_LEN < new_len {
+            if leaves.is_multiple_of(NODE_LEN) {
+                self.nodes.push(Arc::new(Vec::with_capacity(NODE_LEN)));
             }
-            let values = Arc::make_mut(&mut self.chunks[chunk]);
-            let wanted = (new_len - chunk * CHUNK_LEN).min(CHUNK_LEN);
-            if values.capacity() < wanted {
-                // Grow chunks geometrically but never past one chunk, so a column of n ids
-                // holds at most one partly used chunk.
-                let target = wanted.max(values.capacity() * 2).min(CHUNK_LEN);
-                values.reserve_exact(target - values.len());
+            if let Some(node) = self.nodes.last_mut() {
+                Arc::make_mut(node).push(Arc::new(vec![self.fill; LEAF_LEN]));
             }
-            values.resize(wanted, self.fill);
-            self.len = chunk * CHUNK_LEN + wanted;
+            leaves += 1;
         }
+        self.len = self.len.max(new_len);
     }
 }
 
@@ -151,5 +147,31 @@ mod tests {
         column.set(10, 2);
         assert_eq!(snapshot.get(10), 1);
         assert_eq!(column.get(10), 2);
+    }
+
+    #[test]
+    fn a_write_copies_one_leaf_and_one_node() {
+        let mut column = ChunkedVec::new(0.0f64);
+        column.set(300_000, 1.0);
+        let snapshot = column.clone();
+        column.set(70_000, 2.0);
+        let shared_leaves = |a: &ChunkedVec<f64>, b: &ChunkedVec<f64>| {
+            a.nodes
+                .iter()
+                .zip(&b.nodes)
+                .flat_map(|(x, y)| x.iter().zip(y.iter()))
+                .filter(|(x, y)| Arc::ptr_eq(x, y))
+                .count()
+        };
+        let leaves: usize = column.nodes.iter().map(|n| n.len()).sum();
+        assert_eq!(shared_leaves(&column, &snapshot), leaves - 1);
+        let shared_nodes = column
+            .nodes
+            .iter()
+            .zip(&snapshot.nodes)
+            .filter(|(x, y)| Arc::ptr_eq(x, y))
+            .count();
+        assert_eq!(shared_nodes, column.nodes.len() - 1);
+        assert_eq!((snapshot.get(70_000), column.get(70_000)), (0.0, 2.0));
     }
 }

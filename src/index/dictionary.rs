@@ -1,15 +1,23 @@
 //! Distinct string values of one attribute ↔ small integer codes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A value's code within its attribute; also the index of its bitmap.
 pub type ValueCode = u32;
 
 /// The distinct values of one categorical or set attribute, in first-seen order.
 ///
-/// Codes are never reused, so a code held by an older snapshot keeps its meaning.
+/// Codes are never reused, so a code held by an older snapshot keeps its meaning. The tables
+/// are shared between versions: a write that assigns no new code (nearly every write: a user
+/// moves to a city that exists) copies nothing, where a clone would copy every value.
 #[derive(Debug, Clone, Default)]
 pub struct ValueDictionary {
+    tables: Arc<Tables>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Tables {
     /// code → value.
     values: Vec<Box<str>>,
     /// value → code.
@@ -19,7 +27,7 @@ pub struct ValueDictionary {
 impl ValueDictionary {
     /// The code of a known value.
     pub fn code(&self, value: &str) -> Option<ValueCode> {
-        self.codes.get(value).copied()
+        self.tables.codes.get(value).copied()
     }
 
     /// The code of `value`, assigning the next one when new.
@@ -27,20 +35,22 @@ impl ValueDictionary {
         if let Some(code) = self.code(value) {
             return code;
         }
-        let code = self.values.len() as ValueCode;
-        self.values.push(value.into());
-        self.codes.insert(value.into(), code);
+        let tables = Arc::make_mut(&mut self.tables);
+        let code = tables.values.len() as ValueCode;
+        tables.values.push(value.into());
+        tables.codes.insert(value.into(), code);
         code
     }
 
     /// The value of a code.
     pub fn value(&self, code: ValueCode) -> Option<&str> {
-        self.values.get(code as usize).map(|v| &**v)
+        self.tables.values.get(code as usize).map(|v| &**v)
     }
 
     /// Every `(code, value)`, in code order.
     pub fn iter(&self) -> impl Iterator<Item = (ValueCode, &str)> {
-        self.values
+        self.tables
+            .values
             .iter()
             .enumerate()
             .map(|(code, value)| (code as ValueCode, &**value))
@@ -48,11 +58,11 @@ impl ValueDictionary {
 
     /// Number of codes assigned.
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.tables.values.len()
     }
 
     /// True when no value was ever seen.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.tables.values.is_empty()
     }
 }

@@ -19,6 +19,7 @@
 
 mod frequent;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -269,6 +270,22 @@ impl DayBucket {
 
     fn events(&self) -> u64 {
         self.times.len() as u64
+    }
+
+    /// Events of `users` with an offset from `lo` on: a search per user when they are few,
+    /// else one walk.
+    fn count_users(&self, users: &Bitmap, lo: u32) -> u64 {
+        if users.len().saturating_mul(16) < self.ids.len() as u64 {
+            users
+                .iter()
+                .map(|u| u64::from(self.count_of(u, lo, u32::MAX)))
+                .sum()
+        } else {
+            (0..self.ids.len())
+                .filter(|&i| users.contains(self.ids[i]))
+                .map(|i| u64::from(self.count_run(i, lo, u32::MAX)))
+                .sum()
+        }
     }
 
     fn heap_bytes(&self) -> usize {
@@ -539,6 +556,12 @@ pub struct EventStore {
     cutoff: Millis,
     /// When names get a frequent-user tier.
     tier: TierParams,
+    /// Deleted users whose events are still in the buckets: a delete only marks them (readers
+    /// of `series` subtract this set), so that deleting one active user costs a bitmap insert
+    /// instead of a rewrite of every day bucket and tier holding them. [`EventStore::purge`]
+    /// drops their events; snapshots never hold them. Dense ids are never reused, so a mark
+    /// can never hide a later user's events.
+    erased: Arc<Bitmap>,
 }
 
 /// Events grouped for one write: name → day → packed events (any order).
@@ -562,6 +585,7 @@ impl EventStore {
             series: BTreeMap::new(),
             cutoff: Millis::MIN,
             tier,
+            erased: Arc::new(Bitmap::new()),
         }
     }
 
@@ -570,14 +594,25 @@ impl EventStore {
         self.cutoff
     }
 
-    /// Every `(name, day, bucket)`, by name and day.
-    pub fn buckets(&self) -> impl Iterator<Item = (&str, i64, &DayBucket)> {
-        self.series.iter().flat_map(|(name, series)| {
-            series
-                .days
-                .iter()
-                .map(move |(&day, bucket)| (name.as_str(), day, &**bucket))
+    /// Every `(name, day, bucket)`, by name and day, without the events of deleted users (a
+    /// bucket holding some is copied without them; one left empty is skipped).
+    pub fn buckets(&self) -> impl Iterator<Item = (&str, i64, Cow<'_, DayBucket>)> {
+        let erased = &*self.erased;
+        self.series.iter().flat_map(move |(name, series)| {
+            series.days.iter().filter_map(move |(&day, bucket)| {
+                let bucket = if !erased.is_empty() && bucket.holds_any(erased) {
+                    Cow::Owned(bucket.without(erased)?)
+                } else {
+                    Cow::Borrowed(&**bucket)
+                };
+                Some((name.as_str(), day, bucket))
+            })
         })
+    }
+
+    /// Deleted users whose events are not yet purged: a series' answers must exclude them.
+    pub fn erased(&self) -> &Arc<Bitmap> {
+        &self.erased
     }
 
     /// A store holding these buckets (as [`EventStore::buckets`] gave them) and cutoff, with
@@ -606,18 +641,34 @@ impl EventStore {
         self.series.get(name)
     }
 
-    /// Every event name with its number of retained events.
+    /// Every event name with its number of retained events (of users not deleted).
     pub fn names(&self) -> impl Iterator<Item = (&str, u64)> {
         let (day, offset) = day_of(self.cutoff);
         self.series.iter().map(move |(n, s)| {
             let masked = s.days.get(&day).map_or(0, |b| b.count_before(offset));
-            (n.as_str(), s.events - masked)
+            let erased = self.erased_events(s, |d| if d == day { offset } else { 0 });
+            (n.as_str(), s.events - masked - erased)
         })
     }
 
-    /// Total events held.
+    /// Total events held (of users not deleted).
     pub fn events(&self) -> u64 {
-        self.series.values().map(|s| s.events).sum()
+        self.series
+            .values()
+            .map(|s| s.events - self.erased_events(s, |_| 0))
+            .sum()
+    }
+
+    /// Events of deleted, not yet purged users in `series`, from offset `lo(day)` of each day.
+    fn erased_events(&self, series: &EventSeries, lo: impl Fn(i64) -> u32) -> u64 {
+        if self.erased.is_empty() {
+            return 0;
+        }
+        series
+            .days
+            .iter()
+            .map(|(&day, bucket)| bucket.count_users(&self.erased, lo(day)))
+            .sum()
     }
 
     /// Adds a batch; events before the cutoff must already be filtered out.
@@ -701,16 +752,26 @@ impl EventStore {
         }
     }
 
-    /// Removes every event of `users`.
+    /// Hides the events of deleted users at once (see `erased`); [`EventStore::purge`] drops
+    /// them later, in one pass for every user deleted meanwhile.
     pub fn remove_users(&mut self, users: &Bitmap) {
-        if users.is_empty() {
+        if !users.is_empty() {
+            *Arc::make_mut(&mut self.erased) |= users;
+        }
+    }
+
+    /// Drops the events of every user deleted since the last purge from the day buckets and
+    /// tiers; a no-op when there are none.
+    pub fn purge(&mut self) {
+        if self.erased.is_empty() {
             return;
         }
+        let users = std::mem::take(Arc::make_mut(&mut self.erased));
         self.series.retain(|_, series| {
             let hit: Vec<i64> = series
                 .days
                 .iter()
-                .filter(|(_, b)| b.holds_any(users))
+                .filter(|(_, b)| b.holds_any(&users))
                 .map(|(&d, _)| d)
                 .collect();
             if !hit.is_empty() {
@@ -720,13 +781,13 @@ impl EventStore {
                         continue;
                     };
                     series.events -= bucket.events();
-                    if let Some(kept) = bucket.without(users) {
+                    if let Some(kept) = bucket.without(&users) {
                         series.events += kept.events();
                         series.days.insert(day, Arc::new(kept));
                     }
                 }
                 if let Some(frequent) = &mut series.frequent {
-                    Arc::make_mut(frequent).remove(&series.days, users);
+                    Arc::make_mut(frequent).remove(&series.days, &users);
                 }
             }
             !series.days.is_empty()
@@ -902,6 +963,24 @@ mod tests {
             "the day at the cutoff counts only what is retained"
         );
         s.remove_users(&[3].into_iter().collect());
+        let always = TimeWindow {
+            start: 0,
+            end: Millis::MAX,
+        };
+        let raw = s.series("a").map(|a| ids(&a.select(always, 1, None)));
+        assert_eq!(
+            raw,
+            Some(vec![2, 3]),
+            "a mark leaves the buckets as they were"
+        );
+        assert_eq!(ids(s.erased()), [3], "readers subtract the marked users");
+        let held: Vec<u32> = s
+            .buckets()
+            .flat_map(|(_, _, b)| b.columns().0.to_vec())
+            .collect();
+        assert_eq!(held, [2], "a snapshot holds no event of a deleted user");
+        s.purge();
+        assert!(s.erased().is_empty());
         assert_eq!(a(&s), Some(0));
         assert_eq!(s.events(), 1, "user 2's event is hidden, not yet dropped");
         // A longer retention drops what the shorter one hid, then accepts older events again.

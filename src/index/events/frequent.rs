@@ -874,6 +874,7 @@ mod tests {
                     Step::Lengthen(cutoff) => store.lower_cutoff(cutoff),
                     Step::Delete(users) => {
                         store.remove_users(&users.iter().copied().collect());
+                        store.purge();
                         model.retain(|(u, _)| !users.contains(u));
                     }
                 }
