@@ -86,6 +86,23 @@ impl Plan {
         }
     }
 
+    /// Whether one live user matches, read row-wise: a few bitmap probes and column reads,
+    /// where [`Plan::select`] over a one-user scope would build a set per operand. Segment
+    /// maintenance evaluates a write's few touched users this way.
+    pub fn matches(&self, id: u32) -> bool {
+        match self {
+            Plan::Empty => false,
+            Plan::All => true,
+            Plan::AnyOf { sets, .. } => sets.iter().any(|s| s.contains(id)),
+            Plan::AllOf(sets) => sets.iter().all(|s| s.contains(id)),
+            Plan::Range(leaf) => leaf.matches(id),
+            Plan::Did(leaf) => leaf.matches(id),
+            Plan::Not(inner) => !inner.matches(id),
+            Plan::And(children) => children.iter().all(|c| c.matches(id)),
+            Plan::Or(children) => children.iter().any(|c| c.matches(id)),
+        }
+    }
+
     /// The number of matching users within `scope`.
     pub fn count(&self, scope: Scope<'_>) -> u64 {
         match self {

@@ -16,6 +16,10 @@ use crate::expr::{Expr, Predicate};
 use crate::index::Bitmap;
 use crate::time::Millis;
 
+/// Up to this many touched users are evaluated row by row ([`crate::engine::plan::Plan::matches`])
+/// rather than as sets.
+const ROW_WISE_USERS: u64 = 64;
+
 /// What a write changed about the users it touched, so that segment maintenance re-evaluates
 /// only the segments that read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +157,11 @@ impl DatasetState {
                 }
                 (Some(touched), Some(scope)) => {
                     let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
-                    let entering = plan.select(Scope::Within(scope));
+                    let entering = if scope.len() <= ROW_WISE_USERS {
+                        scope.iter().filter(|&id| plan.matches(id)).collect()
+                    } else {
+                        plan.select(Scope::Within(scope))
+                    };
                     let was = &*old & touched;
                     (None, &entering - &was, &was - &entering)
                 }

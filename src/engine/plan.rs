@@ -85,6 +85,15 @@ impl RangeLeaf {
     pub fn estimate(&self) -> u64 {
         self.with_column(|c, r| c.estimate(r), |c, r| c.estimate(r), 0)
     }
+
+    /// Whether one user's value lies in the range.
+    pub fn matches(&self, id: u32) -> bool {
+        self.with_column(
+            |c, r| c.get(id).is_some_and(|v| r.contains(v)),
+            |c, r| c.get(id).is_some_and(|v| r.contains(v)),
+            false,
+        )
+    }
 }
 
 /// A DID predicate resolved to one event series and an absolute, retention-clamped window.
@@ -106,6 +115,16 @@ impl DidLeaf {
             None if !self.erased.is_empty() => found - &*self.erased,
             _ => found,
         }
+    }
+
+    /// Whether one live user matches.
+    pub fn matches(&self, id: u32) -> bool {
+        let mut one = Bitmap::new();
+        one.insert(id);
+        !self
+            .series
+            .select(self.window, self.k, Some(&one))
+            .is_empty()
     }
 }
 
