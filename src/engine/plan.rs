@@ -39,6 +39,29 @@ pub enum Plan {
     Or(Vec<Plan>),
 }
 
+/// De Morgan over the negated operands of an AND or an OR: `NOT a AND NOT b` becomes
+/// `NOT (a OR b)` and `NOT a OR NOT b` becomes `NOT (a AND b)` (`join` builds the inner
+/// operation), so that two or more complements, each as large as the scope (`x IS NULL` is one),
+/// cost one complement.
+fn merge_negations(operands: Vec<Plan>, join: fn(Vec<Plan>) -> Plan) -> Vec<Plan> {
+    let negated = operands
+        .iter()
+        .filter(|p| matches!(p, Plan::Not(_)))
+        .count();
+    if negated < 2 {
+        return operands;
+    }
+    let (mut merged, mut inner) = (Vec::with_capacity(operands.len()), Vec::new());
+    for operand in operands {
+        match operand {
+            Plan::Not(positive) => inner.push(*positive),
+            other => merged.push(other),
+        }
+    }
+    merged.push(Plan::Not(Box::new(join(inner))));
+    merged
+}
+
 /// A numeric range over one attribute's column.
 #[derive(Debug, Clone)]
 pub struct RangeLeaf {
@@ -180,8 +203,14 @@ impl<'a> Binder<'a> {
     /// Unknown attributes or segments, and literals of the wrong kind, each named.
     pub fn bind(&self, expr: &Expr) -> Result<Plan> {
         match expr {
-            Expr::And(children) => Ok(Plan::And(self.bind_all(children)?)),
-            Expr::Or(children) => Ok(Plan::Or(self.bind_all(children)?)),
+            Expr::And(children) => Ok(Plan::And(merge_negations(
+                self.bind_all(children)?,
+                Plan::Or,
+            ))),
+            Expr::Or(children) => Ok(Plan::Or(merge_negations(
+                self.bind_all(children)?,
+                Plan::And,
+            ))),
             Expr::Not(child) => Ok(Plan::Not(Box::new(self.bind(child)?))),
             Expr::Predicate(predicate) => self.bind_predicate(predicate),
         }
