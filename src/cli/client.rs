@@ -24,7 +24,7 @@ const MEMBERS_PAGE: u64 = 10_000;
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {}", with_causes(source))]
     Connect {
         addr: String,
         #[source]
@@ -38,6 +38,22 @@ pub enum ClientError {
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Serve(super::serve::ServeError),
+}
+
+/// An error and its causes, `: `-separated: tonic's transport error alone says only
+/// "transport error", its cause says "Connection refused".
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let part = e.to_string();
+        // Some layers repeat their cause's words as their own.
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+        cause = e.source();
+    }
+    parts.join(": ")
 }
 
 fn code_name(code: tonic::Code) -> String {
@@ -61,7 +77,7 @@ pub async fn run(addr: &str, json: bool, command: Command) -> Result<()> {
         })?;
     let out = &mut std::io::stdout().lock();
     match command {
-        Command::Serve(_) => Ok(()),
+        Command::Serve(_) | Command::Bench(_) => Ok(()),
         Command::Import {
             kind,
             file,
@@ -178,7 +194,7 @@ async fn snapshot(
     Ok(())
 }
 
-fn text_audience(expr: String) -> pb::Audience {
+pub(super) fn text_audience(expr: String) -> pb::Audience {
     pb::Audience {
         kind: Some(pb::audience::Kind::Expression(pb::Expression {
             kind: Some(pb::expression::Kind::Text(expr)),

@@ -1,6 +1,7 @@
 //! The `audience` command line: `serve` runs the server; every other subcommand is a client of
 //! a running server (`--addr`), printing plain, scriptable lines or `--json`.
 
+mod bench;
 mod client;
 mod serve;
 
@@ -98,6 +99,14 @@ pub enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// Load a running server and print throughput, errors by gRPC code and latency
+    /// percentiles (p50 to p99.9 and max), per operation.
+    ///
+    /// Closed loop by default (--concurrency workers back to back); open loop with --rate
+    /// (a fixed schedule, latency counted from each scheduled send). Runs for --duration
+    /// (default 10s) or --requests; --json prints one object.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Write a snapshot of the server's data now (showing progress) and free the log it
     /// covers; the server must run with --data-dir.
     Snapshot {
@@ -173,6 +182,7 @@ pub enum SegmentCommand {
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await.map_err(ClientError::Serve),
+        Command::Bench(command) => bench::run(&cli.addr, cli.json, command).await,
         command => client::run(&cli.addr, cli.json, command).await,
     }
 }

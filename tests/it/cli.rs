@@ -646,3 +646,220 @@ async fn as_of_is_passed_to_the_server() {
     assert_eq!(sorted(Run::lines(&out)), sorted(expected));
     server.shutdown().await;
 }
+
+/// The latency percentiles of a bench report (or of one operation), checked to be positive
+/// and ordered p50 ≤ p90 ≤ p99 ≤ p99.9 ≤ max.
+#[track_caller]
+fn assert_percentiles_ordered(stats: &serde_json::Value) {
+    let latency = &stats["latency_us"];
+    let values: Vec<u64> = ["p50", "p90", "p99", "p99_9", "max"]
+        .iter()
+        .map(|key| latency[*key].as_u64().expect("a percentile"))
+        .collect();
+    assert!(values[0] > 0, "{latency}");
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{latency}");
+}
+
+/// Runs `audience --json bench ARGS... --requests 200` and returns its one JSON object.
+async fn bench_json(server: &TestServer, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json", "bench"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--requests", "200"]);
+    let out = run(server, &full).await.ok();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_drives_every_workload_and_reports_json() {
+    // Events are timed near the bench's own clock, which the server must accept.
+    let server = TestServer::start_with(
+        ServerOptions::default().clock(std::sync::Arc::new(audience::time::SystemClock)),
+    )
+    .await;
+    let everyone = people(60);
+    load_people(&server, "", &everyone).await;
+    let now = audience::time::Clock::now_millis(&audience::time::SystemClock);
+    let signups = (0..10)
+        .map(|i| update::user(&format!("p{i:04}"), vec![update::timestamp("signup", now)]))
+        .collect();
+    server
+        .ingest()
+        .upsert_users(pb::UpsertUsersRequest {
+            users: signups,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (id, text) in [
+        ("us", r#"country = "US""#),
+        ("music", r#"interests HAS "music""#),
+    ] {
+        run(&server, &["segment", "create", id, text]).await.ok();
+    }
+    // Before any event: record-events needs names from somewhere.
+    let failed = run(&server, &["bench", "record-events", "--requests", "5"]).await;
+    assert!(!failed.success);
+    assert!(failed.stderr.contains("--event-names"), "{}", failed.stderr);
+
+    let three = r#"country = "US" AND age > 20 AND interests HAS "music""#;
+    let count = bench_json(&server, &["count", "--expr", three, "--concurrency", "4"]).await;
+    let segments_for = bench_json(&server, &["segments-for", "--concurrency", "4"]).await;
+    let upsert = bench_json(
+        &server,
+        &[
+            "upsert",
+            "--attributes",
+            "country,age,interests,subscriber,spend,signup",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await;
+    let events = bench_json(
+        &server,
+        &[
+            "record-events",
+            "--batch",
+            "10",
+            "--event-names",
+            "view,buy",
+        ],
+    )
+    .await;
+    // Now the dataset has events: mixed takes their names itself.
+    let mixed = bench_json(
+        &server,
+        &[
+            "mixed",
+            "--expr",
+            "age > 30",
+            "--mix",
+            "segments-for=50,count=20,upsert=20,record-events=10",
+            "--concurrency",
+            "8",
+            "--connections",
+            "2",
+        ],
+    )
+    .await;
+    for (name, report) in [
+        ("count", &count),
+        ("segments-for", &segments_for),
+        ("upsert", &upsert),
+        ("record-events", &events),
+        ("mixed", &mixed),
+    ] {
+        assert_eq!(report["workload"], name);
+        assert_eq!(report["mode"], "closed");
+        assert_eq!(report["requests"], 200, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_percentiles_ordered(report);
+        assert!(report["throughput_rps"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert_eq!(count["concurrency"], 4);
+    assert_eq!(events["events"], 2000);
+    assert_eq!(mixed["connections"], 2);
+    let operations = mixed["operations"].as_object().unwrap();
+    assert_eq!(operations.len(), 4);
+    let mut sum = 0;
+    for stats in operations.values() {
+        sum += stats["requests"].as_u64().unwrap();
+        assert_eq!(stats["errors"], 0);
+        if stats["requests"].as_u64().unwrap() > 0 {
+            assert_percentiles_ordered(stats);
+        }
+    }
+    assert_eq!(sum, 200);
+    assert_eq!(
+        mixed["events"].as_u64().unwrap(),
+        operations["record-events"]["requests"].as_u64().unwrap() * 100
+    );
+    // The upserts and events went in: some user has a value only a bench upsert could set,
+    // or the events are there.
+    let schema = run(&server, &["--json", "schema"]).await.ok();
+    assert!(schema.contains(r#""name":"view""#), "{schema}");
+
+    // Open loop: 200 requests at 400/s take half a second, whatever the latency.
+    let open = bench_json(&server, &["segments-for", "--rate", "400"]).await;
+    assert_eq!(open["mode"], "open");
+    assert_eq!(open["requests"], 200);
+    assert_eq!(open["errors"], 0);
+    assert_eq!(open["unsent"], 0);
+    assert_percentiles_ordered(&open);
+    let rps = open["throughput_rps"].as_f64().unwrap();
+    assert!((340.0..=440.0).contains(&rps), "{rps} req/s at 400/s");
+
+    // Plain text: a header, the column names, one row.
+    let text = run(
+        &server,
+        &["bench", "count", "--expr", "age > 1", "--requests", "5"],
+    )
+    .await
+    .ok();
+    let lines = Run::lines(&text);
+    assert!(
+        lines[0].starts_with("bench count on dataset default"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("operation"), "{text}");
+    assert!(
+        lines[2].starts_with("count") && lines[2].contains(" 5 "),
+        "{text}"
+    );
+
+    // Refusals: nonsense flags (clap), a bad expression, an unknown attribute, no server.
+    for (args, needle) in [
+        (
+            vec!["bench", "count", "--expr", "age > 1", "--rate", "0"],
+            "--rate",
+        ),
+        (vec!["bench", "count"], "--expr"),
+        (vec!["bench", "segments-for", "--duration", "10"], "unit"),
+        (
+            vec!["bench", "segments-for", "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (
+            vec![
+                "bench",
+                "segments-for",
+                "--concurrency",
+                "2",
+                "--connections",
+                "3",
+            ],
+            "--connections",
+        ),
+        (
+            vec!["bench", "count", "--expr", "age = AND"],
+            "InvalidArgument",
+        ),
+        (vec!["bench", "mixed", "--requests", "5"], "--expr"),
+        (vec!["bench", "upsert", "--attributes", "nope"], "'nope'"),
+    ] {
+        let failed = run(&server, &args).await;
+        assert!(!failed.success, "{args:?} succeeded");
+        assert!(
+            failed.stderr.contains(needle),
+            "{args:?}: {}",
+            failed.stderr
+        );
+    }
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let failed = audience_cli(
+        &format!("http://{closed}"),
+        &["bench", "segments-for", "--requests", "5"],
+    )
+    .await;
+    assert!(!failed.success);
+    assert!(
+        failed.stderr.contains("cannot connect"),
+        "{}",
+        failed.stderr
+    );
+    assert!(failed.stderr.contains("refused"), "{}", failed.stderr);
+    server.shutdown().await;
+}
