@@ -26,6 +26,10 @@ use tokio::task::JoinSet;
 
 use super::report::Recorder;
 
+/// How late the pacer may send a request due before the end and still send it after the
+/// end: the OS timer's overshoot, not a backlog.
+const PACING_SLACK: Duration = Duration::from_millis(1);
+
 /// How to load the server.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Shape {
@@ -301,16 +305,21 @@ impl Pacer {
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
+            let (slot, waited) = match slots.clone().try_acquire_owned() {
+                Ok(slot) => (slot, false),
                 // Every slot is taken: this request (and those due meanwhile) wait, and the
                 // wait counts in their latency because it runs from `due`.
                 Err(_) => match runtime.block_on(slots.clone().acquire_owned()) {
-                    Ok(slot) => slot,
+                    Ok(slot) => (slot, true),
                     Err(_) => break,
                 },
             };
-            if self.phases.stopped(Instant::now()) {
+            // Past the end, a request that was held up is not sent; one that is merely a
+            // sleep's overshoot late (it was due before the end) still is.
+            let now = Instant::now();
+            if self.phases.stopped(now)
+                && (waited || now.saturating_duration_since(due) > PACING_SLACK)
+            {
                 unsent = self.left_over(i, sent);
                 break;
             }
