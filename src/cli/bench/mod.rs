@@ -121,8 +121,9 @@ impl UserArgs {
 pub struct AttributeArgs {
     /// Attributes each upsert sets, comma-separated [default: every attribute]. Values are
     /// drawn by kind: one of the attribute's 100 most frequent values (rarely a new one) for
-    /// categorical, 1-3 of them for sets, within the range of its frequent values for
-    /// numbers and timestamps, either for booleans.
+    /// categorical, 1-3 of them for sets, either for booleans; for numbers and timestamps,
+    /// within the range of the 100 most frequent values, or (over 10,000 distinct values)
+    /// 0-100 for integers, 0-1000 for floats, the last year for timestamps.
     #[arg(long, value_delimiter = ',')]
     attributes: Vec<String>,
 }

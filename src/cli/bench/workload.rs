@@ -25,6 +25,10 @@ type Result<T> = std::result::Result<T, ClientError>;
 const EVERYONE: &str = r#"NOT DID "__audience_bench_no_such_event__""#;
 /// Values learned per attribute for upserts (the most frequent ones).
 const KNOWN_VALUES: u32 = 100;
+/// A numeric attribute with more distinct values than this gets a default range instead of
+/// a breakdown: the server tallies and formats every user's value for it (seconds for a
+/// timestamp of millions of users), and the top values of a near-unique column say little.
+const MAX_NUMERIC_DISTINCT: u64 = 10_000;
 /// One categorical upsert in this many sets a value the dataset did not have.
 const NEW_VALUE_ONE_IN: u64 = 1_000;
 /// New categorical values come from this many (`bench-0`..), so the dictionary stays small.
@@ -422,6 +426,14 @@ async fn attributes(
             if kind == pb::AttributeKind::Boolean {
                 generators.push((attribute.name.clone(), ValueGen::Boolean));
             }
+            continue;
+        }
+        let numeric = matches!(
+            kind,
+            pb::AttributeKind::Integer | pb::AttributeKind::Float | pb::AttributeKind::Timestamp
+        );
+        if numeric && attribute.distinct_values > MAX_NUMERIC_DISTINCT {
+            generators.push((attribute.name.clone(), ValueGen::learn(kind, Vec::new())));
             continue;
         }
         let known: Vec<String> = count(channel, &spec.dataset, EVERYONE, &attribute.name)
