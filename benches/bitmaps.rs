@@ -20,7 +20,7 @@ fn users() -> u64 {
 }
 
 fn value_bitmap(state: &DatasetState, attribute: &str, value: &str) -> Bitmap {
-    match &*state.attributes[attribute] {
+    match &*state.attributes()[attribute] {
         Attribute::Categorical(a) => (**a
             .bitmap(a.dictionary.code(value).expect("value"))
             .expect("bitmap"))
@@ -57,13 +57,13 @@ fn benches(c: &mut Criterion) {
     let us = value_bitmap(&state, "country", "US");
     let sports = value_bitmap(&state, "interests", "sports");
     let ios = value_bitmap(&state, "device", "ios");
-    let Attribute::Integer(age) = &*state.attributes["age"] else {
+    let Attribute::Integer(age) = &*state.attributes()["age"] else {
         panic!("age is an integer")
     };
     let ages: Vec<Bitmap> = (25..=34)
         .map(|v| age.select(&ValueRange { low: v, high: v }, None))
         .collect();
-    let cities: Vec<Bitmap> = match &*state.attributes["city"] {
+    let cities: Vec<Bitmap> = match &*state.attributes()["city"] {
         Attribute::Categorical(a) => a.values().map(|(_, b)| (**b).clone()).collect(),
         _ => panic!("city is categorical"),
     };

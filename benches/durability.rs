@@ -305,17 +305,17 @@ impl Facts {
             .dataset_names()
             .into_iter()
             .map(|name| {
-                let users = engine.snapshot(&name).map_or(0, |s| s.live.len());
+                let users = engine.snapshot(&name).map_or(0, |s| s.live().len());
                 (name, users)
             })
             .collect();
         Self {
             datasets,
-            users: state.live.len(),
-            id_bound: state.keys.id_bound(),
-            events: state.events.events(),
+            users: state.live().len(),
+            id_bound: state.keys().id_bound(),
+            events: state.events().events(),
             segments: state
-                .segments
+                .segments()
                 .iter()
                 .map(|(id, s)| (id.clone(), s.members.len()))
                 .collect(),

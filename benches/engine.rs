@@ -46,7 +46,7 @@ fn dataset(rows: u64) -> (DatasetState, u64, f64) {
     let before = resident_bytes();
     let started = Instant::now();
     let mut state = DatasetState::default();
-    state.keys.reserve(rows as usize);
+    state.reserve_users(rows as usize);
     import(&mut state, audience::demo::batches(rows, 64 * 1024, SEED));
     let seconds = started.elapsed().as_secs_f64();
     let grown = resident_bytes().saturating_sub(before);
@@ -218,7 +218,7 @@ fn bench_import(c: &mut Criterion, rows: u64) {
                 let source = open_file(&path, 64 * 1024).expect("open");
                 let mut fresh = DatasetState::default();
                 // What the server's file import does with the row count Parquet declares.
-                fresh.keys.reserve(source.total_rows.unwrap_or(0) as usize);
+                fresh.reserve_users(source.total_rows.unwrap_or(0) as usize);
                 import(&mut fresh, source.batches.map(|b| b.expect("batch")));
                 black_box(Arc::new(fresh))
             })

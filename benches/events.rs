@@ -226,12 +226,12 @@ fn benches(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (engine, state, grown, imported) = import(&path, &runtime);
     // The users the events created cost what any user costs (their keys); the rest is events.
-    let users_bytes = state.keys.heap_bytes() as u64 + state.live.serialized_size() as u64;
+    let users_bytes = state.keys().heap_bytes() as u64 + state.live().serialized_size() as u64;
     eprintln!(
         "index: {} users, {imported} events; event index heap {:.2} bytes/event; resident \
          growth less the users' keys {:.2} bytes/event",
-        state.live.len(),
-        state.events.heap_bytes() as f64 / imported as f64,
+        state.live().len(),
+        state.events().heap_bytes() as f64 / imported as f64,
         grown.saturating_sub(users_bytes) as f64 / imported as f64
     );
     // AUDIENCE_BENCH_SCAN=0 skips the baselines (and their check), e.g. to profile a query.
@@ -256,7 +256,7 @@ fn benches(c: &mut Criterion) {
         ("frequent_views", FREQUENT_VIEWS, RawEvents::frequent_views),
     ];
     for (name, days) in [("purchase", 30), ("add_to_cart", 14), ("page_view", 90)] {
-        if let Some(series) = state.events.series(name) {
+        if let Some(series) = state.events().series(name) {
             let window = audience::index::events::TimeWindow {
                 start: AS_OF - days * DAY,
                 end: AS_OF,
@@ -270,7 +270,7 @@ fn benches(c: &mut Criterion) {
     }
     for (name, series) in audience::demo::EVENT_NAMES
         .iter()
-        .filter_map(|(n, _)| Some((n, state.events.series(n)?)))
+        .filter_map(|(n, _)| Some((n, state.events().series(n)?)))
     {
         if let Some(tier) = series.tier_stats() {
             let all = audience::index::events::TimeWindow {

@@ -33,7 +33,7 @@ const AS_OF: i64 = audience::demo::DEMO_EPOCH;
 fn dataset(users: u64, events: u64, segments: usize) -> DatasetState {
     let started = Instant::now();
     let mut state = DatasetState::default();
-    state.keys.reserve(users as usize);
+    state.reserve_users(users as usize);
     for batch in audience::demo::batches(users, 64 * 1024, SEED) {
         let change = Change::ImportUsers(ImportBatch {
             batch,
@@ -75,7 +75,7 @@ fn event_record(event: &audience::demo::DemoEvent) -> EventRecord {
 fn publish(published: &mut Arc<DatasetState>, change: &Change) {
     let mut next = DatasetState::clone(published);
     next.apply(change, AS_OF).expect("bench write applies");
-    next.transitions.clear();
+    next.take_transitions();
     *published = Arc::new(next);
 }
 

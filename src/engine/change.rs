@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use arrow_array::RecordBatch;
 
+use super::error::{EngineError, Result};
 use crate::expr::Expr;
 use crate::index::AttributeKind;
 use crate::time::Millis;
@@ -49,7 +50,7 @@ pub struct EventRecord {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ImportBatch {
     /// Logged as an Arrow IPC stream.
-    #[serde(with = "super::record::ipc")]
+    #[serde(with = "super::ipc")]
     pub batch: RecordBatch,
     pub id_column: String,
 }
@@ -139,5 +140,21 @@ impl std::ops::AddAssign for ChangeOutcome {
         self.not_found += other.not_found;
         self.events += other.events;
         self.expired += other.expired;
+    }
+}
+
+/// A float fit for a column: finite, with -0.0 folded into 0.0 so equality is plain.
+///
+/// # Errors
+/// NaN and infinities, which no range could select consistently.
+pub fn checked_float(name: &str, value: f64) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value + 0.0)
+    } else {
+        Err(EngineError::kind_mismatch(
+            name,
+            AttributeKind::Float,
+            format!("{value} is not a finite number"),
+        ))
     }
 }

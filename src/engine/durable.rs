@@ -345,7 +345,7 @@ impl Engine {
             .write()
             .map_err(|_| EngineError::Internal("dataset registry lock poisoned".into()))?;
         for (name, mut state) in states {
-            state.transitions.clear();
+            state.clear_transitions();
             let log = state.log_position;
             let handle = Arc::new(Dataset::default());
             handle.publish(state, feed::FeedBounds::from(&self.limits));

@@ -15,9 +15,10 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_cast::{cast_with_options, CastOptions};
 use arrow_schema::{DataType, Field, TimeUnit};
 
+use super::change::checked_float;
 use super::change::{ChangeOutcome, ImportBatch};
 use super::error::{EngineError, Result};
-use super::state::{checked_float, DatasetState};
+use super::state::DatasetState;
 use crate::index::attribute::{Attribute, AttributeKind};
 use crate::index::dictionary::ValueCode;
 use crate::index::keys::DenseId;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::error::Result;
 use super::eval::Scope;
 use super::plan::Binder;
+use super::segment::SegmentReads;
 use super::state::DatasetState;
-use crate::expr::{Expr, Predicate};
 use crate::index::Bitmap;
 use crate::time::Millis;
 
@@ -50,55 +50,6 @@ impl Written {
         Written::Only {
             attributes: BTreeSet::new(),
             events: names.into_iter().map(str::to_owned).collect(),
-        }
-    }
-}
-
-/// What a segment's definition reads, computed once when it is defined.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SegmentReads {
-    attributes: BTreeSet<String>,
-    events: BTreeSet<String>,
-    segments: BTreeSet<String>,
-}
-
-impl SegmentReads {
-    /// The attributes, event names and segments `expression` reads.
-    pub fn of(expression: &Expr) -> Self {
-        let mut reads = SegmentReads::default();
-        for predicate in expression.predicates() {
-            match predicate {
-                Predicate::Equals { attribute, .. }
-                | Predicate::In { attribute, .. }
-                | Predicate::Has { attribute, .. }
-                | Predicate::HasAny { attribute, .. }
-                | Predicate::HasAll { attribute, .. }
-                | Predicate::Compare { attribute, .. }
-                | Predicate::Between { attribute, .. }
-                | Predicate::IsNull { attribute, .. } => {
-                    reads.attributes.insert(attribute.clone());
-                }
-                Predicate::Segment { id } => {
-                    reads.segments.insert(id.clone());
-                }
-                Predicate::Did { event, .. } => {
-                    reads.events.insert(event.clone());
-                }
-            }
-        }
-        reads
-    }
-
-    /// Whether a write of `written`, which changed the members of `changed`, can change this
-    /// segment's members.
-    fn affected_by(&self, written: &Written, changed: &BTreeSet<&str>) -> bool {
-        match written {
-            Written::Anything | Written::Deleted => true,
-            Written::Only { attributes, events } => {
-                !self.attributes.is_disjoint(attributes)
-                    || !self.events.is_disjoint(events)
-                    || self.segments.iter().any(|s| changed.contains(s.as_str()))
-            }
         }
     }
 }
@@ -146,7 +97,7 @@ impl DatasetState {
             let Some(segment) = self.segments.get(id) else {
                 continue;
             };
-            if !segment.reads.affected_by(written, &changed) {
+            if !affected(&segment.reads, written, &changed) {
                 continue;
             }
             let old = segment.members.clone();
@@ -191,31 +142,13 @@ impl DatasetState {
         }
         Ok(())
     }
+}
 
-    /// Every segment id, each after the segments it references; computed once per set of
-    /// definitions (every write walks it).
-    pub fn segment_order(&self) -> Arc<[String]> {
-        self.order_cache
-            .get_or_init(|| {
-                let mut order = Vec::with_capacity(self.segments.len());
-                let mut seen = BTreeSet::new();
-                for id in self.segments.keys() {
-                    self.visit_segment(id, &mut seen, &mut order);
-                }
-                order.into()
-            })
-            .clone()
-    }
-
-    fn visit_segment(&self, id: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
-        if !seen.insert(id.to_owned()) {
-            return;
-        }
-        if let Some(segment) = self.segments.get(id) {
-            for dependency in segment.definition.expression.segment_refs() {
-                self.visit_segment(dependency, seen, order);
-            }
-            order.push(id.to_owned());
-        }
+/// Whether a write of `written`, which changed the members of the segments in `changed`, can
+/// change the members of a segment that reads `reads`.
+fn affected(reads: &SegmentReads, written: &Written, changed: &BTreeSet<&str>) -> bool {
+    match written {
+        Written::Anything | Written::Deleted => true,
+        Written::Only { attributes, events } => reads.reads_any(attributes, events, changed),
     }
 }

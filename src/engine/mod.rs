@@ -18,8 +18,10 @@
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
 //! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
 
+pub mod apply;
 pub mod change;
 pub mod cursor;
+pub mod definitions;
 pub mod durable;
 pub mod error;
 pub mod eval;
@@ -27,6 +29,7 @@ pub mod event_import;
 pub mod events;
 pub mod feed;
 pub mod import;
+pub mod ipc;
 pub mod maintenance;
 pub mod pipeline;
 pub mod plan;
@@ -34,6 +37,7 @@ pub mod query;
 pub mod record;
 pub mod recovery;
 pub mod replica;
+pub mod segment;
 pub mod snapshot;
 pub mod state;
 pub mod transaction;
@@ -52,7 +56,8 @@ pub use durable::{DurableOptions, LoadProgress, RecoveryReport, SnapshotReport};
 pub use error::{EngineError, Result};
 pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
 pub use replica::{Lag, SharedOptions};
-pub use state::{DatasetState, Segment};
+pub use segment::Segment;
+pub use state::DatasetState;
 pub use transaction::Import;
 pub use watch::{ChangeKind, MembershipChange, WatchBatch, Watcher};
 
@@ -143,7 +148,7 @@ impl Dataset {
     /// so that the feed order is the publish order. The version goes first, so that a watcher
     /// reading an entry finds its users' external ids in the current version.
     fn publish(&self, mut state: DatasetState, bounds: feed::FeedBounds) {
-        let transitions = std::mem::take(&mut state.transitions);
+        let transitions = state.take_transitions();
         self.publish_ready((Arc::new(state), transitions), bounds);
     }
 

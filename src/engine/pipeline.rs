@@ -70,7 +70,7 @@ impl Pipeline {
     /// Queues a version whose record was handed to the log as `seq`; called under the writer
     /// lock, in log order.
     pub(super) fn submitted(&self, seq: u64, mut state: DatasetState) {
-        let transitions = std::mem::take(&mut state.transitions);
+        let transitions = state.take_transitions();
         let state = Arc::new(state);
         let mut queue = self.lock();
         queue.tip = Some(state.clone());

@@ -116,7 +116,7 @@ impl DatasetState {
     ///
     /// # Errors
     /// An unknown id.
-    pub fn segment(&self, id: &str) -> Result<&Arc<super::state::Segment>> {
+    pub fn segment(&self, id: &str) -> Result<&Arc<super::segment::Segment>> {
         self.segments
             .get(id)
             .ok_or_else(|| EngineError::SegmentNotFound(id.to_owned()))

@@ -174,7 +174,7 @@ fn load_dataset(
 /// watcher listens during recovery).
 fn replay(state: &mut DatasetState, record: &LogRecord) -> Result<()> {
     apply_record(state, record)?;
-    state.transitions.clear();
+    state.clear_transitions();
     Ok(())
 }
 

@@ -225,7 +225,7 @@ impl Engine {
                 for (position, bytes) in batch {
                     deleted |= apply_shared(&mut state, &dataset, position, &bytes);
                     versions.push(state.clone());
-                    state.transitions.clear();
+                    state.clear_transitions();
                 }
                 (versions, deleted)
             })
@@ -475,7 +475,7 @@ async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
         loop {
             let batch = match store.read_after(name, state.log_position, READ_BATCH).await {
                 Ok(batch) if batch.is_empty() => {
-                    state.transitions.clear();
+                    state.clear_transitions();
                     return Ok(Loaded {
                         state,
                         records,
@@ -496,7 +496,7 @@ async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
                 for (position, bytes) in batch {
                     deleted |= apply_shared(&mut state, &dataset, position, &bytes);
                 }
-                state.transitions.clear();
+                state.clear_transitions();
                 (state, deleted)
             })
             .await

@@ -28,7 +28,8 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use serde::{Deserialize, Serialize};
 
 use super::change::SegmentDefinition;
-use super::state::{DatasetState, Segment};
+use super::segment::Segment;
+use super::state::DatasetState;
 use crate::index::attribute::{BooleanAttribute, Categorical, SetAttribute};
 use crate::index::events::{DayBucket, EventStore};
 use crate::index::keys::DenseId;
@@ -129,16 +130,14 @@ pub fn from_files(
     }
     let events = read_events(&read("events.arrow")?, meta.event_cutoff)
         .map_err(|e| format!("events.arrow: {e}"))?;
-    let mut state = DatasetState {
-        keys,
-        live: Arc::new(live),
-        attributes,
-        events,
-        retention_days: meta.retention_days,
-        time_refreshed_at: meta.time_refreshed_at,
-        version: meta.version,
-        ..DatasetState::default()
-    };
+    let mut state = DatasetState::default();
+    state.keys = keys;
+    state.live = Arc::new(live);
+    state.attributes = attributes;
+    state.events = events;
+    state.retention_days = meta.retention_days;
+    state.time_refreshed_at = meta.time_refreshed_at;
+    state.version = meta.version;
     read_segments(&read("segments.arrow")?, &meta, &mut state)
         .map_err(|e| format!("segments.arrow: {e}"))?;
     Ok(state)
@@ -463,7 +462,7 @@ fn read_segments(
             let members = bitmap_from(users.value(row))?;
             state.membership.update(slot, &members, &Bitmap::new());
             let segment = Segment::new(definition, Arc::new(members), slot);
-            state.order_cache = std::sync::OnceLock::new();
+            state.definitions_changed();
             state.segments.insert(id.to_owned(), Arc::new(segment));
         }
     }

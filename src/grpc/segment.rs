@@ -99,7 +99,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
             .snapshot(&request.dataset)
             .map_err(|e| to_status(e, "dataset"))?;
         let segments = state
-            .segments
+            .segments()
             .values()
             .filter(|s| {
                 request

@@ -82,17 +82,17 @@ async fn open_with(dir: &Path, clock: &Arc<FixedClock>, options: DurableOptions)
 /// Everything observable about one dataset, user by user, in dense-id order.
 fn fingerprint(state: &DatasetState) -> String {
     let mut out = String::new();
-    let live: Vec<u32> = state.live.iter().collect();
+    let live: Vec<u32> = state.live().iter().collect();
     out += &format!(
         "retention {:?} refreshed {:?} cutoff {}\n",
-        state.retention_days,
-        state.time_refreshed_at,
-        state.events.cutoff()
+        state.configured_retention(),
+        state.time_refreshed_at(),
+        state.events().cutoff()
     );
     for &id in &live {
-        let key = state.keys.key(id).unwrap_or("?");
+        let key = state.keys().key(id).unwrap_or("?");
         let mut values = Vec::new();
-        for (name, attribute) in &state.attributes {
+        for (name, attribute) in state.attributes() {
             let value = match &**attribute {
                 Attribute::Categorical(a) => format!("{:?}", a.value(id)),
                 Attribute::Set(a) => format!("{:?}", a.values_of(id)),
@@ -109,17 +109,17 @@ fn fingerprint(state: &DatasetState) -> String {
         );
     }
     out += &format!("{:?}\n", state.describe());
-    for (id, segment) in &state.segments {
+    for (id, segment) in state.segments() {
         out += &format!(
             "segment {id} {:?} {:?}\n",
             segment.definition,
             segment.members.iter().collect::<Vec<_>>()
         );
     }
-    for (name, count) in state.events.names() {
+    for (name, count) in state.events().names() {
         out += &format!("events {name} {count}\n");
     }
-    for (name, day, bucket) in state.events.buckets() {
+    for (name, day, bucket) in state.events().buckets() {
         out += &format!("bucket {name} {day} {:?}\n", bucket.columns());
     }
     out

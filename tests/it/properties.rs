@@ -343,7 +343,7 @@ fn engine_select(state: &DatasetState, expr: &Expr) -> BTreeSet<String> {
         .expect("query binds");
     members
         .iter()
-        .map(|id| state.keys.key(id).expect("member has a key").to_owned())
+        .map(|id| state.keys().key(id).expect("member has a key").to_owned())
         .collect()
 }
 
@@ -420,9 +420,9 @@ proptest! {
         }
         // Materialized segments, kept current incrementally, equal the model and a fresh evaluation.
         for (id, expr) in &model.segments {
-            let members = &state.segments[id].members;
+            let members = &state.segments()[id].members;
             let materialized: BTreeSet<String> =
-                members.iter().map(|u| state.keys.key(u).unwrap().to_owned()).collect();
+                members.iter().map(|u| state.keys().key(u).unwrap().to_owned()).collect();
             prop_assert_eq!(&materialized, &model.select(expr, AS_OF), "segment {} = {}", id, expr);
             prop_assert_eq!(&materialized, &engine_select(&state, expr));
         }
@@ -618,8 +618,8 @@ proptest! {
             }
         }
         for (id, expr) in &model.segments {
-            let materialized: BTreeSet<String> = state.segments[id].members.iter()
-                .map(|u| state.keys.key(u).unwrap().to_owned()).collect();
+            let materialized: BTreeSet<String> = state.segments()[id].members.iter()
+                .map(|u| state.keys().key(u).unwrap().to_owned()).collect();
             prop_assert_eq!(&materialized, &model.select(expr, AS_OF), "segment {} = {}", id, expr);
         }
         for text in ["score = 0", "score BETWEEN 0 AND 0.5", "score > 9.99", "age BETWEEN 30 AND 30", "age > 30"] {

@@ -313,7 +313,7 @@ impl Pair {
             .iter()
             .map(|id| {
                 self.state
-                    .keys
+                    .keys()
                     .key(id)
                     .expect("member has a key")
                     .to_owned()
@@ -324,10 +324,10 @@ impl Pair {
     /// Every materialized segment equals the model at the current instant.
     fn check_segments(&self) -> Result<(), TestCaseError> {
         for (id, expr) in &self.model.segments {
-            let materialized: BTreeSet<String> = self.state.segments[id]
+            let materialized: BTreeSet<String> = self.state.segments()[id]
                 .members
                 .iter()
-                .map(|u| self.state.keys.key(u).expect("key").to_owned())
+                .map(|u| self.state.keys().key(u).expect("key").to_owned())
                 .collect();
             prop_assert_eq!(
                 &materialized,
