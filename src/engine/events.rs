@@ -108,14 +108,18 @@ impl DatasetState {
             })
     }
 
-    /// Stores events (creating unknown users); returns what happened and the users touched.
+    /// Checks events and creates their unknown users, adding the events to `batch` for one
+    /// [`EventStore::add`](crate::index::events::EventStore::add) of several writes; returns what
+    /// happened and the users touched.
     ///
     /// # Errors
-    /// The first invalid event, by index; nothing is stored then.
-    pub(super) fn record_events(
+    /// The first invalid event, by index; users created before it stay created, so the state
+    /// must then be discarded.
+    pub(super) fn stage_events(
         &mut self,
         events: &[EventRecord],
         now: Millis,
+        batch: &mut EventBatch,
     ) -> Result<(ChangeOutcome, Bitmap)> {
         for (index, event) in events.iter().enumerate() {
             validate_event(event, now).map_err(|(field, reason)| EngineError::InvalidEvent {
@@ -127,7 +131,6 @@ impl DatasetState {
         let cutoff = self.retention_cutoff(now);
         let mut outcome = ChangeOutcome::default();
         let mut touched = Bitmap::new();
-        let mut batch = EventBatch::new();
         for event in events {
             let (id, created) = self.user_mut(&event.user_id)?;
             // A user created by an expired event still exists, and can enter a NOT segment.
@@ -148,7 +151,6 @@ impl DatasetState {
                 .push(pack(id, offset));
             outcome.events += 1;
         }
-        self.events.add(batch);
         Ok((outcome, touched))
     }
 

@@ -20,6 +20,7 @@
 
 pub mod apply;
 pub mod change;
+mod coalesce;
 pub mod cursor;
 pub mod definitions;
 pub mod durable;
@@ -134,6 +135,8 @@ struct Dataset {
     feed: feed::Feed,
     /// Versions whose records are being made durable (embedded mode), published in log order.
     pipeline: pipeline::Pipeline,
+    /// User writes waiting to be applied together.
+    coalesce: coalesce::Queue,
 }
 
 impl Dataset {
@@ -314,6 +317,11 @@ impl Engine {
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
         self.check_change(&change)?;
         let name = dataset_name(dataset)?;
+        if coalesce::coalescable(&change) && self.shared().is_none() {
+            if let Ok(handle) = self.dataset(name) {
+                return self.apply_coalesced(name, handle, change).await;
+            }
+        }
         let mut conflicts = 0;
         loop {
             let (handle, pending) = match &change {

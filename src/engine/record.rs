@@ -33,6 +33,9 @@ pub enum RecordBody {
     Change(Change),
     /// A multi-batch import, applied whole: its batches in the order they arrived.
     Import(Vec<ImportPart>),
+    /// User writes (upserts, deletes, events) applied together as one version
+    /// ([`super::state::DatasetState::apply_user_writes`]).
+    Changes(Vec<Change>),
 }
 
 /// One batch of an import.

@@ -186,5 +186,10 @@ pub(super) fn apply_record(state: &mut DatasetState, record: &LogRecord) -> Resu
     match &record.body {
         RecordBody::Change(change) => state.apply(change, record.now).map(|_| ()),
         RecordBody::Import(parts) => transaction::replay(state, record.now, parts),
+        RecordBody::Changes(changes) => {
+            let changes: Vec<&super::change::Change> = changes.iter().collect();
+            let applied = state.apply_user_writes(&changes, record.now);
+            applied.map(|_| ()).map_err(|(_, error)| error)
+        }
     }
 }

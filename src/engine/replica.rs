@@ -103,7 +103,7 @@ fn millis_now() -> u64 {
 }
 
 impl Engine {
-    fn shared(&self) -> Option<&Shared> {
+    pub(super) fn shared(&self) -> Option<&Shared> {
         match &self.journal()?.backend {
             Backend::Shared(shared) => Some(shared),
             Backend::Local { .. } => None,

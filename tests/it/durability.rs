@@ -59,7 +59,7 @@ fn options(dir: &Path) -> DurableOptions {
 
 /// A durable engine on `dir`, once the engine dropped before it (whose background snapshot
 /// may still hold it for a moment) has let go of the directory.
-async fn open(dir: &Path, clock: &Arc<FixedClock>) -> Arc<Engine> {
+pub(crate) async fn open(dir: &Path, clock: &Arc<FixedClock>) -> Arc<Engine> {
     open_with(dir, clock, options(dir)).await
 }
 
@@ -80,7 +80,7 @@ async fn open_with(dir: &Path, clock: &Arc<FixedClock>, options: DurableOptions)
 }
 
 /// Everything observable about one dataset, user by user, in dense-id order.
-fn fingerprint(state: &DatasetState) -> String {
+pub(crate) fn fingerprint(state: &DatasetState) -> String {
     let mut out = String::new();
     let live: Vec<u32> = state.live().iter().collect();
     out += &format!(
@@ -148,7 +148,7 @@ fn assert_same(durable: &Engine, model: &Engine, context: &str) {
     }
 }
 
-fn user(rng: &mut SplitMix) -> String {
+pub(crate) fn user(rng: &mut SplitMix) -> String {
     format!("u{}", rng.below(40))
 }
 
@@ -156,7 +156,7 @@ fn pick<'a>(rng: &mut SplitMix, items: &[&'a str]) -> &'a str {
     items[rng.below(items.len() as u64) as usize]
 }
 
-fn random_upsert(rng: &mut SplitMix, now: i64) -> Change {
+pub(crate) fn random_upsert(rng: &mut SplitMix, now: i64) -> Change {
     let users = (0..1 + rng.below(4))
         .map(|_| {
             let changes = (0..1 + rng.below(3))
@@ -215,7 +215,7 @@ fn random_upsert(rng: &mut SplitMix, now: i64) -> Change {
     Change::UpsertUsers(users)
 }
 
-fn random_events(rng: &mut SplitMix, now: i64) -> Change {
+pub(crate) fn random_events(rng: &mut SplitMix, now: i64) -> Change {
     let events = (0..1 + rng.below(10))
         .map(|_| EventRecord {
             user_id: user(rng),

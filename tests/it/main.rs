@@ -2,6 +2,7 @@
 //! and property tests of the engine against an independent row-by-row model.
 
 mod cli;
+mod coalesce;
 mod crash;
 mod durability;
 mod grpc_errors;
