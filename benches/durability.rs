@@ -317,7 +317,7 @@ impl Facts {
             segments: state
                 .segments()
                 .iter()
-                .map(|(id, s)| (id.clone(), s.members.len()))
+                .map(|(id, s)| (id.clone(), s.size()))
                 .collect(),
             counts,
         }

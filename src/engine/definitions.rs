@@ -25,7 +25,7 @@ impl DatasetState {
         let members = plan.select(Scope::All(&self.live));
         let id = definition.id.clone();
         let (slot, old) = match self.segments.get(&id) {
-            Some(existing) => (existing.slot, existing.members.clone()),
+            Some(existing) => (existing.slot, existing.members()),
             None => (self.membership.add_segment(&id), Arc::new(Bitmap::new())),
         };
         let (entered, left) = (&members - &*old, &*old - &members);
@@ -163,8 +163,8 @@ impl DatasetState {
         if let Some(segment) = self.segments.remove(id) {
             self.definitions_changed();
             self.membership
-                .remove_segment(segment.slot, &segment.members);
-            self.record_deletion(id, &segment.members);
+                .remove_segment(segment.slot, &segment.members());
+            self.record_deletion(id, &segment.members());
         }
         Ok(())
     }

@@ -100,11 +100,10 @@ impl DatasetState {
             if !affected(&segment.reads, written, &changed) {
                 continue;
             }
-            let old = segment.members.clone();
             let slot = segment.slot;
             let (members, entered, left) = match (touched, &scope_users) {
                 (Some(touched), _) if *written == Written::Deleted => {
-                    (None, Bitmap::new(), &*old & touched)
+                    (None, Bitmap::new(), segment.members_among(touched))
                 }
                 (Some(touched), Some(scope)) => {
                     let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
@@ -113,12 +112,13 @@ impl DatasetState {
                     } else {
                         plan.select(Scope::Within(scope))
                     };
-                    let was = &*old & touched;
+                    let was = segment.members_among(touched);
                     (None, &entering - &was, &was - &entering)
                 }
                 _ => {
                     let plan = Binder::new(self, now).bind(&segment.definition.expression)?;
                     let members = plan.select(Scope::All(&self.live));
+                    let old = segment.members();
                     let entered = &members - &*old;
                     let left = &*old - &members;
                     (Some(members), entered, left)
@@ -127,16 +127,14 @@ impl DatasetState {
             if entered.is_empty() && left.is_empty() {
                 continue;
             }
-            let members = members.unwrap_or_else(|| {
-                let mut members = (*old).clone();
-                members -= &left;
-                members |= &entered;
-                members
-            });
             self.membership.update(slot, &entered, &left);
             self.record_transition(id, &entered, &left);
             if let Some(segment) = self.segments.get_mut(id) {
-                Arc::make_mut(segment).members = Arc::new(members);
+                let segment = Arc::make_mut(segment);
+                match members {
+                    Some(members) => segment.replace_members(Arc::new(members)),
+                    None => segment.update_members(&entered, &left),
+                }
             }
             changed.insert(id);
         }

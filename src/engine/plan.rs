@@ -259,7 +259,7 @@ impl<'a> Binder<'a> {
                     .segments
                     .get(id)
                     .ok_or_else(|| EngineError::SegmentNotFound(id.clone()))?;
-                Ok(any_of(vec![segment.members.clone()], false))
+                Ok(any_of(vec![segment.members()], false))
             }
             Predicate::IsNull { attribute, negated } => {
                 let present = Plan::AnyOf {

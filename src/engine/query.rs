@@ -62,7 +62,7 @@ impl DatasetState {
     /// Unknown names and mismatched kinds in the expression; an unknown segment.
     pub fn select(&self, audience: &Audience, as_of: Millis) -> Result<Arc<Bitmap>> {
         match audience {
-            Audience::Segment(id) => Ok(self.segment(id)?.members.clone()),
+            Audience::Segment(id) => Ok(self.segment(id)?.members()),
             Audience::Expression(expr) => {
                 let plan = Binder::new(self, as_of).bind(expr)?;
                 Ok(Arc::new(plan.select(Scope::All(&self.live))))
@@ -76,7 +76,7 @@ impl DatasetState {
     /// As [`DatasetState::select`].
     pub fn count(&self, audience: &Audience, as_of: Millis) -> Result<u64> {
         match audience {
-            Audience::Segment(id) => Ok(self.segment(id)?.members.len()),
+            Audience::Segment(id) => Ok(self.segment(id)?.size()),
             Audience::Expression(expr) => {
                 let plan = Binder::new(self, as_of).bind(expr)?;
                 Ok(plan.count(Scope::All(&self.live)))
@@ -185,9 +185,7 @@ impl DatasetState {
         let Some(id) = self.live_id(user_id) else {
             return Ok(None);
         };
-        Ok(Some(
-            segments.iter().map(|s| s.members.contains(id)).collect(),
-        ))
+        Ok(Some(segments.iter().map(|s| s.contains(id)).collect()))
     }
 
     /// The dense id of a live user.

@@ -7,18 +7,22 @@ use std::sync::Arc;
 use super::change::SegmentDefinition;
 use super::error::{EngineError, Result};
 use crate::expr::{Expr, Predicate};
+use crate::index::keys::DenseId;
+use crate::index::layered::LayeredBitmap;
 use crate::index::Bitmap;
 
 /// A saved segment and its materialized members.
 #[derive(Debug, Clone)]
 pub struct Segment {
-    pub definition: SegmentDefinition,
-    /// Kept current on every write; a subset of the live users.
-    pub members: Arc<Bitmap>,
+    /// Shared between versions: a write that changes the members does not copy it.
+    pub definition: Arc<SegmentDefinition>,
+    /// Kept current on every write; a subset of the live users. Layered, so that a write
+    /// copies only what changed.
+    members: LayeredBitmap,
     /// The segment's bit in the dataset's membership index.
-    pub slot: usize,
+    pub(super) slot: usize,
     /// What the definition reads, so that a write skips segments it cannot change.
-    pub reads: Arc<SegmentReads>,
+    pub(super) reads: Arc<SegmentReads>,
 }
 
 impl Segment {
@@ -26,8 +30,8 @@ impl Segment {
     pub fn new(definition: SegmentDefinition, members: Arc<Bitmap>, slot: usize) -> Self {
         Self {
             reads: Arc::new(SegmentReads::of(&definition.expression)),
-            definition,
-            members,
+            definition: Arc::new(definition),
+            members: LayeredBitmap::new(members),
             slot,
         }
     }
@@ -35,6 +39,31 @@ impl Segment {
     /// Current members.
     pub fn size(&self) -> u64 {
         self.members.len()
+    }
+
+    /// Current members as one set (built once per version when recent writes changed them).
+    pub fn members(&self) -> Arc<Bitmap> {
+        self.members.whole()
+    }
+
+    /// Whether `id` is a member.
+    pub fn contains(&self, id: DenseId) -> bool {
+        self.members.contains(id)
+    }
+
+    /// The members among `ids`.
+    pub fn members_among(&self, ids: &Bitmap) -> Bitmap {
+        self.members.intersect(ids)
+    }
+
+    /// Records users entering (not members yet) and leaving (members).
+    pub(super) fn update_members(&mut self, entered: &Bitmap, left: &Bitmap) {
+        self.members.update(entered, left);
+    }
+
+    /// Replaces the members with a set evaluated anew.
+    pub(super) fn replace_members(&mut self, members: Arc<Bitmap>) {
+        self.members = LayeredBitmap::new(members);
     }
 }
 

@@ -422,10 +422,10 @@ fn segments_file(state: &DatasetState) -> Result<Vec<u8>, SnapshotError> {
     for (id, segment) in &state.segments {
         ids.append_value(id);
         slots.push(segment.slot as u32);
-        let definition = serde_json::to_string(&segment.definition)
+        let definition = serde_json::to_string(&*segment.definition)
             .map_err(|e| format!("segment '{id}': {e}"))?;
         definitions.append_value(definition);
-        users.append_value(bitmap_bytes(&segment.members));
+        users.append_value(bitmap_bytes(&segment.members()));
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(ids.finish()),

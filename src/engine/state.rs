@@ -75,8 +75,9 @@ impl DatasetState {
             let Some(segment) = self.segments.get(id) else {
                 continue;
             };
-            let after = segment.members.clone();
-            let was = before.segments.get(id).map_or(&empty, |s| &*s.members);
+            let after = segment.members();
+            let was = before.segments.get(id).map(|s| s.members());
+            let was = was.as_deref().unwrap_or(&empty);
             self.record_transition(id, &(&*after - was), &(was - &*after));
         }
     }

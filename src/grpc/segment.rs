@@ -140,8 +140,10 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         merged_labels.extend(labels(&request.labels));
         let definition = SegmentDefinition {
             id: current.id.clone(),
-            name: request.name.unwrap_or(current.name),
-            description: request.description.unwrap_or(current.description),
+            name: request.name.unwrap_or_else(|| current.name.clone()),
+            description: request
+                .description
+                .unwrap_or_else(|| current.description.clone()),
             labels: merged_labels,
             expression,
             created_at: current.created_at,

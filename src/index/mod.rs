@@ -9,6 +9,7 @@ pub mod chunked;
 pub mod dictionary;
 pub mod events;
 pub mod keys;
+pub mod layered;
 pub mod membership;
 pub mod numeric;
 

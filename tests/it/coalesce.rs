@@ -120,6 +120,7 @@ async fn all_at_once(engine: &Arc<Engine>, writes: &[Change]) -> Vec<Result<Stri
 
 #[tokio::test(flavor = "current_thread")]
 async fn queued_writes_applied_together_equal_the_same_writes_one_by_one() {
+    let (mut succeeded, mut versions) = (0, 0);
     for seed_value in 1..=25 {
         let clock = FixedClock::new(JAN_1_2026);
         let engine = Arc::new(Engine::new(Limits::default(), clock));
@@ -138,14 +139,15 @@ async fn queued_writes_applied_together_equal_the_same_writes_one_by_one() {
             expected_end,
             "seed {seed_value}: the dataset"
         );
-        // Proof that they were applied together: fewer versions than writes that succeeded.
-        let succeeded = expected.iter().filter(|r| r.is_ok()).count() as u64;
-        let versions = after.version() - before.version();
-        assert!(
-            succeeded < 2 || versions < succeeded,
-            "seed {seed_value}: {succeeded} writes made {versions} versions"
-        );
+        succeeded += expected.iter().filter(|r| r.is_ok()).count() as u64;
+        versions += after.version() - before.version();
     }
+    // Proof that they were applied together: far fewer versions than writes that succeeded.
+    // (Per seed it depends on timing: the first write may finish before the others queue.)
+    assert!(
+        versions * 2 < succeeded,
+        "{succeeded} writes made {versions} versions"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -113,7 +113,7 @@ pub(crate) fn fingerprint(state: &DatasetState) -> String {
         out += &format!(
             "segment {id} {:?} {:?}\n",
             segment.definition,
-            segment.members.iter().collect::<Vec<_>>()
+            segment.members().iter().collect::<Vec<_>>()
         );
     }
     for (name, count) in state.events().names() {

@@ -420,7 +420,7 @@ proptest! {
         }
         // Materialized segments, kept current incrementally, equal the model and a fresh evaluation.
         for (id, expr) in &model.segments {
-            let members = &state.segments()[id].members;
+            let members = &state.segments()[id].members();
             let materialized: BTreeSet<String> =
                 members.iter().map(|u| state.keys().key(u).unwrap().to_owned()).collect();
             prop_assert_eq!(&materialized, &model.select(expr, AS_OF), "segment {} = {}", id, expr);
@@ -618,7 +618,7 @@ proptest! {
             }
         }
         for (id, expr) in &model.segments {
-            let materialized: BTreeSet<String> = state.segments()[id].members.iter()
+            let materialized: BTreeSet<String> = state.segments()[id].members().iter()
                 .map(|u| state.keys().key(u).unwrap().to_owned()).collect();
             prop_assert_eq!(&materialized, &model.select(expr, AS_OF), "segment {} = {}", id, expr);
         }

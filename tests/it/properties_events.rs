@@ -325,7 +325,7 @@ impl Pair {
     fn check_segments(&self) -> Result<(), TestCaseError> {
         for (id, expr) in &self.model.segments {
             let materialized: BTreeSet<String> = self.state.segments()[id]
-                .members
+                .members()
                 .iter()
                 .map(|u| self.state.keys().key(u).expect("key").to_owned())
                 .collect();
