@@ -15,16 +15,20 @@
 //! - `P:ds:D:log`: the records: fields `r` (the bytes inline) or `b`, `n`, `len`, `cc` (blob id,
 //!   chunk count, length, chunk CRCs), and `crc` (CRC32 of the record).
 //! - `P:ds:D:head`: the id of the newest record (absent: `0-0`); never moves back.
+//! - `P:ds:D:logid`: the identity of the log, the id of its first record (see
+//!   [`RedisStore::log_id`]); a dataset dropped and created again gets another.
 //! - `P:blob:B:i`: chunk `i` of a record larger than a chunk; expires until its append succeeds.
 //! - `P:ds:D:snapseq`: snapshot id counter; `P:ds:D:snapshot`: the current snapshot id;
 //!   `P:ds:D:snapcovers`: what it covers, which is also how far the stream has been trimmed.
 //! - `P:ds:D:snap:S:manifest`: the JSON manifest of snapshot `S`; `P:ds:D:snap:S:F:i`: chunk `i`
 //!   of its file `F`.
 
+mod identity;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 
+pub use identity::Retention;
 pub use snapshot::StoredSnapshot;
 
 use std::collections::hash_map::RandomState;
@@ -59,9 +63,10 @@ const SCAN_COUNT: usize = 500;
 const RANGE_COUNT: usize = 100;
 
 /// Checks the head and appends in one step, so that two replicas can never both append after
-/// the same record. KEYS: head, log, datasets, announce, blob chunks...; ARGV: expected head,
-/// dataset name, stream entry fields and values. Nil means the head moved (a conflict). The
-/// announcement stream keeps about 1000 entries: a waiter only ever needs the newest.
+/// the same record. KEYS: head, log, datasets, announce, log id, blob chunks...; ARGV: expected
+/// head, dataset name, stream entry fields and values. Nil means the head moved (a conflict).
+/// The first record of a log also sets its id. The announcement stream keeps about 1000
+/// entries: a waiter only ever needs the newest.
 static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("append.lua")));
 
 /// The shared log and snapshot store of all replicas in one Redis. Cheap to clone: clones share
@@ -141,6 +146,7 @@ impl RedisStore {
         invocation
             .key(&[self.ds_key(dataset, "head"), self.ds_key(dataset, "log")])
             .key(&[self.key("datasets"), self.key("announce")])
+            .key(self.ds_key(dataset, "logid"))
             .arg(&[expected.to_string(), dataset.to_owned()])
             .arg("crc")
             .arg(crc32fast::hash(record));

@@ -468,3 +468,83 @@ async fn an_unreachable_redis_is_unavailable() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn a_log_is_known_by_its_first_record_and_retains_what_follows_its_trim_mark() {
+    let Some(store) = store_or_skip("identity").await else {
+        return;
+    };
+    let p1 = store.append("d", Position::START, b"one").await.unwrap();
+    let id = store.log_id("d").await.unwrap();
+    assert_eq!(id, p1.to_string());
+    let p2 = store.append("d", p1, b"two").await.unwrap();
+    let p3 = store.append("d", p2, b"three").await.unwrap();
+    assert_eq!(
+        store.log_id("d").await.unwrap(),
+        id,
+        "later appends keep it"
+    );
+    for position in [p1, p2, p3] {
+        assert_eq!(
+            store.retains("d", &id, position).await.unwrap(),
+            Retention::Retained
+        );
+    }
+    assert_eq!(
+        store.retains("d", "another", p2).await.unwrap(),
+        Retention::OtherLog
+    );
+
+    store.put_snapshot("d", p2, &[]).await.unwrap();
+    let names = ["d".to_owned(), "none".to_owned()];
+    assert_eq!(
+        store.snapshot_positions(&names).await.unwrap(),
+        vec![p2, Position::START]
+    );
+    assert_eq!(
+        store.retains("d", &id, p1).await.unwrap(),
+        Retention::Trimmed { covers: p2 }
+    );
+    for position in [p2, p3] {
+        assert_eq!(
+            store.retains("d", &id, position).await.unwrap(),
+            Retention::Retained,
+            "at the trim mark and after it"
+        );
+    }
+    // Positions that never held a record: between two records, and beyond the head.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let p4 = store.append("d", p3, b"four").await.unwrap();
+    assert!(p4.major > p3.major);
+    for never in [next_position(p3), next_position(p4)] {
+        assert_eq!(
+            store.retains("d", &id, never).await.unwrap(),
+            Retention::NotInLog { head: p4 }
+        );
+    }
+
+    // Dropped and created again: another log, where the old positions mean nothing.
+    store.delete_dataset("d").await.unwrap();
+    let again = store.append("d", Position::START, b"again").await.unwrap();
+    let new_id = store.log_id("d").await.unwrap();
+    assert_ne!(new_id, id);
+    assert_eq!(
+        store.retains("d", &id, p4).await.unwrap(),
+        Retention::OtherLog
+    );
+    assert_eq!(
+        store.retains("d", &new_id, p4).await.unwrap(),
+        Retention::NotInLog { head: again }
+    );
+
+    // A log from before identities gets one, once.
+    redis::cmd("DEL")
+        .arg(store.ds_key("d", "logid"))
+        .exec_async(&mut store.manager.clone())
+        .await
+        .unwrap();
+    let legacy = store.log_id("d").await.unwrap();
+    assert!(legacy.starts_with("legacy-"), "{legacy}");
+    assert_eq!(store.log_id("d").await.unwrap(), legacy);
+    store.delete_all().await.unwrap();
+}
