@@ -59,7 +59,8 @@ fn storage_code(error: &crate::persist::PersistError) -> Code {
         PersistError::Io { .. }
         | PersistError::Corrupt { .. }
         | PersistError::Format(_)
-        | PersistError::Locked(_) => Code::Internal,
+        | PersistError::Locked(_)
+        | PersistError::WrongDirectory { .. } => Code::Internal,
     }
 }
 

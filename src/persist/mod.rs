@@ -11,7 +11,9 @@
 //! - [`wal`]: the embedded write-ahead log: segment files, group commit, fsync policy.
 //! - [`snapshot`]: snapshot directories: files, a manifest with checksums, atomic publication.
 //! - [`redis`]: the shared store of several replicas: a stream per dataset, chunked snapshots.
+//! - [`cache`]: the marker that makes a data directory the local cache of one Redis prefix.
 
+pub mod cache;
 pub mod frame;
 pub mod redis;
 
@@ -99,6 +101,9 @@ pub enum PersistError {
     /// Another process (or engine) has the data directory open.
     #[error("{0}: the data directory is in use by another server")]
     Locked(PathBuf),
+    /// The data directory belongs to the other mode, or to another Redis prefix.
+    #[error("{path}: {reason}")]
+    WrongDirectory { path: PathBuf, reason: String },
 }
 
 impl PersistError {

@@ -39,6 +39,10 @@ pub struct Manifest {
     pub log_from: u64,
     /// When it was written, in Unix milliseconds.
     pub created_at_ms: i64,
+    /// Redis mode's local cache: when the oldest delete that no snapshot in Redis held yet was
+    /// applied (Unix milliseconds), so that a restart from this cache keeps the erasure clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_delete_ms: Option<i64>,
     pub datasets: Vec<DatasetEntry>,
 }
 
@@ -48,6 +52,10 @@ pub struct DatasetEntry {
     pub name: String,
     /// The last log record applied to this dataset's files.
     pub position: Position,
+    /// Redis mode's local cache: the identity of the dataset's log that `position` is in (a
+    /// dataset dropped and created again in Redis has another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
     pub files: Vec<FileEntry>,
 }
 
@@ -138,6 +146,7 @@ impl SnapshotWriter {
                 format: FORMAT,
                 log_from,
                 created_at_ms,
+                pending_delete_ms: None,
                 datasets: Vec::new(),
             },
             bytes: 0,
@@ -152,6 +161,35 @@ impl SnapshotWriter {
         &mut self,
         name: &str,
         position: Position,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<()> {
+        self.add(name, position, None, files)
+    }
+
+    /// Writes one dataset's files at `position` of the Redis log `log_id` (the local cache).
+    ///
+    /// # Errors
+    /// A file that cannot be written and synced.
+    pub fn add_logged_dataset(
+        &mut self,
+        name: &str,
+        position: Position,
+        log_id: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<()> {
+        self.add(name, position, Some(log_id.to_owned()), files)
+    }
+
+    /// Records when the oldest delete not yet erased from the shared store was applied.
+    pub fn set_pending_delete(&mut self, at_ms: Option<i64>) {
+        self.manifest.pending_delete_ms = at_ms;
+    }
+
+    fn add(
+        &mut self,
+        name: &str,
+        position: Position,
+        log_id: Option<String>,
         files: &[(String, Vec<u8>)],
     ) -> Result<()> {
         let dir = self.temp.join(name);
@@ -171,6 +209,7 @@ impl SnapshotWriter {
         self.manifest.datasets.push(DatasetEntry {
             name: name.to_owned(),
             position,
+            log_id,
             files: entries,
         });
         Ok(())
@@ -215,9 +254,30 @@ impl SnapshotWriter {
         remove_others(&self.root, &published)?;
         Ok((published, self.bytes))
     }
+
+    /// Gives the snapshot up: its temporary directory is deleted, the newest one stays.
+    ///
+    /// # Errors
+    /// The directory cannot be deleted.
+    pub fn abandon(self) -> Result<()> {
+        std::fs::remove_dir_all(&self.temp).map_err(|e| PersistError::io(&self.temp, e))
+    }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Deletes every snapshot under `root` (a cache that can no longer be kept current must not
+/// keep the bytes of users deleted since).
+///
+/// # Errors
+/// A directory that cannot be deleted.
+pub fn remove_all(root: &Path) -> Result<()> {
+    match std::fs::metadata(root) {
+        Ok(_) => remove_others(root, Path::new("")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(PersistError::io(root, e)),
+    }
+}
+
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = File::create(path).map_err(|e| PersistError::io(path, e))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
