@@ -27,7 +27,8 @@ pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
     /// Directory of the write-ahead log and snapshots; unset, everything is kept in memory
-    /// only and lost at exit.
+    /// only and lost at exit. With `redis_url`, a local cache of each dataset's snapshot
+    /// instead, so that a restart reads only the records after it from Redis.
     pub data_dir: Option<PathBuf>,
     /// Redis as the shared log and snapshot store of several replicas.
     pub redis_url: Option<String>,
@@ -153,10 +154,6 @@ impl Config {
             (
                 self.segment_refresh_secs > 0,
                 "segment_refresh_secs must be positive",
-            ),
-            (
-                self.redis_url.is_none() || self.data_dir.is_none(),
-                "data_dir and redis_url: a local cache beside Redis is not supported yet; set one",
             ),
             (
                 !self.redis_prefix.is_empty()

@@ -22,7 +22,8 @@ pub struct ServeArgs {
     /// Listen address, e.g. 0.0.0.0:50051.
     #[arg(long, env = "AUDIENCE_LISTEN")]
     listen: Option<std::net::SocketAddr>,
-    /// Data directory of the write-ahead log and snapshots (unset: memory only).
+    /// Data directory of the write-ahead log and snapshots (unset: memory only); with
+    /// `--redis-url`, a local cache of the snapshots that makes restarts read less from Redis.
     #[arg(long, env = "AUDIENCE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Redis URL of the shared log and snapshots of several replicas.
@@ -217,8 +218,11 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// The embedded store's settings, when a data directory is set.
+/// The embedded store's settings, when a data directory is set without Redis.
 fn durable_options(config: &Config, repair: bool) -> Option<DurableOptions> {
+    if config.redis_url.is_some() {
+        return None;
+    }
     let data_dir = config.data_dir.clone()?;
     Some(DurableOptions {
         data_dir,
@@ -234,7 +238,7 @@ fn durable_options(config: &Config, repair: bool) -> Option<DurableOptions> {
     })
 }
 
-/// Redis mode's settings, when a Redis URL is set.
+/// Redis mode's settings, when a Redis URL is set; a data directory is then its local cache.
 fn shared_options(config: &Config) -> Option<SharedOptions> {
     Some(SharedOptions {
         url: config.redis_url.clone()?,
@@ -242,6 +246,7 @@ fn shared_options(config: &Config) -> Option<SharedOptions> {
         snapshot_log_bytes: config.snapshot_log_bytes,
         snapshot_log_records: config.snapshot_log_records,
         erasure_max_age: std::time::Duration::from_secs(config.erasure_max_age_secs),
+        cache_dir: config.data_dir.clone(),
     })
 }
 

@@ -148,6 +148,12 @@ impl Journal {
         }
     }
 
+    /// When the oldest delete not yet in a snapshot was logged, on the clock that reads `now`.
+    pub(super) fn oldest_delete_at(&self, now: Millis) -> Option<Millis> {
+        let oldest = self.oldest_delete.lock().ok().and_then(|o| *o)?;
+        Some(now.saturating_sub(i64::try_from(oldest.elapsed().as_millis()).unwrap_or(i64::MAX)))
+    }
+
     /// Takes the oldest delete's time for a snapshot that covers it.
     pub(super) fn take_oldest_delete(&self) -> Option<Instant> {
         self.oldest_delete.lock().ok().and_then(|mut o| o.take())
@@ -167,7 +173,9 @@ pub struct RecoveryReport {
     /// The snapshot loaded, if any.
     pub snapshot: Option<PathBuf>,
     pub datasets: usize,
-    /// Log records replayed after the snapshot.
+    /// Datasets loaded from the local cache of Redis mode (each with the records after it).
+    pub from_cache: usize,
+    /// Log records replayed after the snapshot (in Redis mode: read from Redis).
     pub records: u64,
     /// What was dropped: a torn tail, and with repair, corrupt data.
     pub dropped: Vec<String>,
@@ -284,6 +292,7 @@ impl Engine {
     pub async fn open_durable(self: &Arc<Self>, options: DurableOptions) -> Result<RecoveryReport> {
         let started = Instant::now();
         let lock = DirLock::acquire(&options.data_dir)?;
+        crate::persist::cache::refuse_cache(&options.data_dir)?;
         // A caller that marked the engine loading (the server) ends the load itself.
         let was_loading = self.progress.loading().is_some();
         let engine = self.clone();

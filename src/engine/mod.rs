@@ -14,11 +14,13 @@
 //! - [`transaction`]: multi-batch imports, published and logged whole.
 //! - [`record`], [`snapshot`], [`durable`], [`recovery`]: writes as log records, versions as
 //!   snapshot files, logging before publishing, background snapshots, recovery.
-//! - [`pipeline`]: writes of one dataset sharing fsyncs; [`replica`]: Redis mode.
+//! - [`pipeline`]: writes of one dataset sharing fsyncs; [`replica`]: Redis mode, with
+//!   `redis_load` (a dataset from Redis) and `cache` (its local cache in a data directory).
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
 //! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
 
 pub mod apply;
+mod cache;
 pub mod change;
 mod coalesce;
 pub mod cursor;
@@ -37,6 +39,7 @@ pub mod plan;
 pub mod query;
 pub mod record;
 pub mod recovery;
+mod redis_load;
 pub mod replica;
 pub mod segment;
 pub mod snapshot;

@@ -142,7 +142,11 @@ fn check_log_start(
     Ok(())
 }
 
-fn load_dataset(
+/// One dataset of a snapshot directory, every file checked against the manifest.
+///
+/// # Errors
+/// A file missing, damaged (named, with its offset) or inconsistent with the others.
+pub(super) fn load_dataset(
     found: &snapshot_dir::Found,
     entry: &snapshot_dir::DatasetEntry,
 ) -> Result<DatasetState> {

@@ -9,24 +9,24 @@
 //! records other replicas append, within moments.
 //!
 //! Snapshots go to Redis too, one per dataset; a new replica loads each dataset's newest
-//! snapshot and the records after it, then serves.
+//! snapshot and the records after it, then serves. A replica with a local cache (`cache.rs`)
+//! starts from its own copy where Redis still holds every record after it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::cache::{self, Cache, CacheWrite};
 use super::durable::{Backend, Journal, SnapshotReport};
 use super::error::{EngineError, Result};
 use super::record;
 use super::recovery::apply_record;
+use super::redis_load::{connect, load, retry, READ_BATCH};
 use super::state::DatasetState;
 use super::{feed, register, snapshot, Dataset, Engine, RecoveryReport};
 use crate::persist::redis::RedisStore;
 use crate::persist::{PersistError, Position};
-
-/// Records read from Redis per round trip: records up to 1 MiB are inline, so this bounds a
-/// reply to a few tens of MiB, well inside the response timeout.
-const READ_BATCH: usize = 32;
 
 /// A replica this far behind the shared log says so in its log.
 const LAG_WARNING_SECS: f64 = 1.0;
@@ -44,6 +44,9 @@ pub struct SharedOptions {
     pub snapshot_log_records: u64,
     /// The longest a deleted user's bytes stay in the log or a snapshot.
     pub erasure_max_age: Duration,
+    /// A local directory caching each dataset's snapshot, so that a restart reads only the
+    /// records after it from Redis; unset, every start loads everything from Redis.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// How far behind its dataset's log a replica was when it last caught up.
@@ -58,8 +61,10 @@ pub struct Lag {
 /// Redis mode's part of the journal.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    store: RedisStore,
+    pub(super) store: RedisStore,
     prefix: String,
+    /// The local cache, when the replica has a data directory.
+    pub(super) cache: Option<Cache>,
     /// Record bytes per dataset that no snapshot holds yet (as far as this replica knows).
     unsnapshotted: Mutex<HashMap<String, u64>>,
     /// The lag found at each dataset's last catch-up.
@@ -96,6 +101,14 @@ impl Shared {
     }
 }
 
+/// The earlier of two optional times.
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn millis_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -118,35 +131,49 @@ impl Engine {
         Some(lag.unwrap_or_default())
     }
 
-    /// Joins the replicas sharing `options.url`: loads every dataset's newest snapshot and the
-    /// records after it, then applies what other replicas append and logs every write there.
-    /// Requests are refused with `loading: N of M` meanwhile; Redis is retried until it answers.
+    /// Joins the replicas sharing `options.url`: loads every dataset (from the local cache and
+    /// the records after it where Redis still holds them, else from its newest snapshot in
+    /// Redis and the records after that), then applies what other replicas append and logs
+    /// every write there. Requests are refused with `loading: N of M` meanwhile; Redis is
+    /// retried until it answers.
     ///
     /// # Errors
-    /// A snapshot or record that cannot be read; an engine that is durable already.
+    /// A cache directory that belongs to the embedded mode or another prefix; a snapshot or
+    /// record in Redis that cannot be read; an engine that is durable already.
     pub async fn open_shared(self: &Arc<Self>, options: SharedOptions) -> Result<RecoveryReport> {
         let started = Instant::now();
         let was_loading = self.progress.loading().is_some();
+        // Before Redis, so that a wrong directory stops the start even while Redis is down.
+        let cache = match &options.cache_dir {
+            Some(dir) => Some(Cache::open(dir, &options.prefix)?),
+            None => None,
+        };
         let store = connect(&options).await;
         let names = retry(|| store.datasets()).await;
         self.progress.begin(names.len() as u64 + 1);
         let mut states = std::collections::BTreeMap::new();
         let mut report = RecoveryReport::default();
         let mut unsnapshotted = HashMap::new();
-        let mut deleted = false;
+        let mut oldest_delete = cache.as_ref().and_then(Cache::pending_delete);
         for (index, name) in names.iter().enumerate() {
-            let loaded = retry_load(&store, name).await?;
+            let (loaded, from_cache) = cache::load(&store, cache.as_ref(), name).await?;
             report.records += loaded.records;
-            deleted |= loaded.deleted;
+            report.from_cache += usize::from(from_cache);
+            oldest_delete = earliest(oldest_delete, loaded.oldest_delete);
             unsnapshotted.insert(name.clone(), loaded.bytes);
             states.insert(name.clone(), loaded.state);
             self.progress.advance(index as u64 + 1);
         }
+        if let Some(cache) = &cache {
+            cache.loaded();
+        }
         report.datasets = states.len();
         self.install(states)?;
+        let has_cache = cache.is_some();
         let shared = Shared {
             store,
             prefix: options.prefix.clone(),
+            cache,
             unsnapshotted: Mutex::new(unsnapshotted),
             lag: Mutex::new(HashMap::new()),
         };
@@ -156,8 +183,10 @@ impl Engine {
             (options.snapshot_log_bytes, options.snapshot_log_records),
             options.erasure_max_age,
         );
-        if deleted {
-            journal.note_delete();
+        // The erasure clock runs from the oldest delete no snapshot holds, not from the start.
+        if let Some(at) = oldest_delete {
+            let age = Duration::from_millis(millis_now().saturating_sub(at));
+            journal.note_delete_at(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
         }
         if self.journal.set(Arc::new(journal)).is_err() {
             return Err(EngineError::Internal(
@@ -166,11 +195,16 @@ impl Engine {
         }
         tokio::spawn(follow(Arc::downgrade(self)));
         tokio::spawn(super::durable::snapshot_when_due(Arc::downgrade(self)));
+        if has_cache {
+            tokio::spawn(cache::refresh_when_stale(Arc::downgrade(self)));
+        }
         if !was_loading {
             self.progress.finish();
         }
         tracing::info!(
             datasets = report.datasets,
+            from_cache = report.from_cache,
+            records = report.records,
             seconds = started.elapsed().as_secs_f64(),
             "joined the replicas"
         );
@@ -281,7 +315,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Snapshots datasets into Redis (each then trims its log behind the snapshot).
+    /// Snapshots datasets into Redis (each then trims its log behind the snapshot), and into
+    /// the local cache from the same files.
     pub(super) async fn snapshot_shared(
         &self,
         journal: &Journal,
@@ -302,10 +337,18 @@ impl Engine {
             None => self.take_unsnapshotted_records(journal),
             Some(_) => 0,
         };
+        let _caching = match &shared.cache {
+            Some(cache) => Some(cache.lock().await),
+            None => None,
+        };
+        let mut local = match &shared.cache {
+            Some(cache) => cache.begin(self.now()),
+            None => None,
+        };
         let mut bytes = 0;
         let mut freed = 0;
         for (index, name) in names.iter().enumerate() {
-            let written = self.snapshot_one(shared, name).await;
+            let written = self.snapshot_one(shared, name, &mut local).await;
             match written {
                 Ok((written, unsnapshotted)) => {
                     bytes += written;
@@ -314,10 +357,25 @@ impl Engine {
                 Err(error) => {
                     journal.restore_oldest_delete(covered_deletes);
                     self.restore_unsnapshotted_records(journal, covered_records);
+                    if let (Some(cache), Some(local)) = (&shared.cache, local) {
+                        cache.abandon(local).await;
+                    }
                     return Err(error);
                 }
             }
             progress(index + 1, names.len(), name);
+        }
+        if let (Some(cache), Some(local)) = (&shared.cache, local) {
+            let others = match only {
+                Some(name) => self
+                    .dataset_names()
+                    .into_iter()
+                    .filter(|other| other != name)
+                    .collect(),
+                None => Vec::new(),
+            };
+            let pending = journal.oldest_delete_at(self.now());
+            cache.finish(local, others, pending).await;
         }
         self.snapshot_written(journal);
         let report = SnapshotReport {
@@ -336,8 +394,14 @@ impl Engine {
         Ok(report)
     }
 
-    /// One dataset's snapshot; returns its bytes and the record bytes it covers.
-    async fn snapshot_one(&self, shared: &Shared, name: &str) -> Result<(u64, u64)> {
+    /// One dataset's snapshot, also added to `local` (the cache being written); returns its
+    /// bytes and the record bytes it covers.
+    async fn snapshot_one(
+        &self,
+        shared: &Shared,
+        name: &str,
+        local: &mut Option<CacheWrite>,
+    ) -> Result<(u64, u64)> {
         let handle = self.dataset(name)?;
         let state = {
             let _writer = handle.writer.lock().await;
@@ -346,15 +410,28 @@ impl Engine {
         if state.log_position == Position::START {
             return Ok((0, 0));
         }
+        let log_id = match (&shared.cache, &local) {
+            (Some(cache), Some(_)) => Some(cache.log_id(&shared.store, name).await?),
+            _ => None,
+        };
         let unsnapshotted = shared
             .unsnapshotted
             .lock()
             .map_or(0, |mut map| map.remove(name).unwrap_or(0));
         let position = state.log_position;
-        let files = tokio::task::spawn_blocking(move || snapshot::to_files(&state))
-            .await
-            .map_err(|e| EngineError::Internal(format!("snapshot task failed: {e}")))?
-            .map_err(|e| EngineError::Internal(format!("snapshot of dataset '{name}': {e}")))?;
+        let mut caching = local.take();
+        let dataset = name.to_owned();
+        let (files, caching) = tokio::task::spawn_blocking(move || {
+            let files = snapshot::to_files(&state)?;
+            if let (Some(write), Some(log_id)) = (caching.as_mut(), &log_id) {
+                write.add(&dataset, position, log_id, &files);
+            }
+            Ok::<_, String>((files, caching))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("snapshot task failed: {e}")))?
+        .map_err(|e| EngineError::Internal(format!("snapshot of dataset '{name}': {e}")))?;
+        *local = caching;
         let bytes = files.iter().map(|(_, b)| b.len() as u64).sum();
         if let Err(error) = shared.store.put_snapshot(name, position, &files).await {
             shared.count(name, unsnapshotted);
@@ -367,7 +444,12 @@ impl Engine {
 /// Applies one record appended by any replica; returns whether it deleted users. A record that
 /// does not apply (impossible unless replicas run different code) is skipped loudly rather than
 /// stopping replication.
-fn apply_shared(state: &mut DatasetState, dataset: &str, position: Position, bytes: &[u8]) -> bool {
+pub(super) fn apply_shared(
+    state: &mut DatasetState,
+    dataset: &str,
+    position: Position,
+    bytes: &[u8],
+) -> bool {
     let applied = record::decode(bytes)
         .map_err(EngineError::Internal)
         .and_then(|record| {
@@ -384,127 +466,6 @@ fn apply_shared(state: &mut DatasetState, dataset: &str, position: Position, byt
         tracing::error!(dataset, %position, %error, "a record of the shared log does not apply here; skipped");
         false
     })
-}
-
-/// Connects, retrying with backoff until Redis answers.
-async fn connect(options: &SharedOptions) -> RedisStore {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match RedisStore::connect(&options.url, &options.prefix).await {
-            Ok(store) => return store,
-            Err(error) => {
-                tracing::warn!(%error, "Redis does not answer; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Runs a Redis call until it succeeds, with backoff.
-async fn retry<T, F, Fut>(call: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = crate::persist::Result<T>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match call().await {
-            Ok(value) => return value,
-            Err(error) => {
-                tracing::warn!(%error, "Redis call failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// [`load`], retried while Redis is unreachable; damaged data fails at once.
-async fn retry_load(store: &RedisStore, name: &str) -> Result<Loaded> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match load(store, name).await {
-            Err(EngineError::Storage(PersistError::Unavailable(error))) => {
-                tracing::warn!(%error, dataset = name, "Redis unreachable while loading; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
-}
-
-/// A dataset loaded from Redis, and what was applied after its snapshot.
-struct Loaded {
-    state: DatasetState,
-    records: u64,
-    bytes: u64,
-    /// Some record deleted users (so the erasure clock runs).
-    deleted: bool,
-}
-
-/// A dataset from its newest snapshot in Redis and every record after it.
-async fn load(store: &RedisStore, name: &str) -> Result<Loaded> {
-    'snapshot: loop {
-        let (mut records, mut bytes, mut deleted) = (0, 0, false);
-        let mut state = match store.latest_snapshot(name).await? {
-            Some(stored) => {
-                let covers = stored.covers;
-                let dataset = name.to_owned();
-                let mut state = tokio::task::spawn_blocking(move || {
-                    let mut files: HashMap<String, Vec<u8>> = stored.files.into_iter().collect();
-                    snapshot::from_files(|file| {
-                        files
-                            .remove(file)
-                            .ok_or_else(|| format!("{file} is not in the snapshot"))
-                    })
-                    .map_err(|e| {
-                        PersistError::Format(format!(
-                            "snapshot of dataset '{dataset}' in Redis: {e}"
-                        ))
-                    })
-                })
-                .await
-                .map_err(|e| EngineError::Internal(format!("snapshot load failed: {e}")))??;
-                state.log_position = covers;
-                state
-            }
-            None => DatasetState::default(),
-        };
-        loop {
-            let batch = match store.read_after(name, state.log_position, READ_BATCH).await {
-                Ok(batch) if batch.is_empty() => {
-                    state.clear_transitions();
-                    return Ok(Loaded {
-                        state,
-                        records,
-                        bytes,
-                        deleted,
-                    });
-                }
-                Ok(batch) => batch,
-                // Trimmed behind a snapshot written meanwhile: start again from it.
-                Err(PersistError::Conflict) => continue 'snapshot,
-                Err(error) => return Err(error.into()),
-            };
-            records += batch.len() as u64;
-            bytes += batch.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-            let dataset = name.to_owned();
-            let applied = tokio::task::spawn_blocking(move || {
-                let mut deleted = false;
-                for (position, bytes) in batch {
-                    deleted |= apply_shared(&mut state, &dataset, position, &bytes);
-                }
-                state.clear_transitions();
-                (state, deleted)
-            })
-            .await
-            .map_err(|e| EngineError::Internal(format!("load task failed: {e}")))?;
-            state = applied.0;
-            deleted |= applied.1;
-        }
-    }
 }
 
 /// Applies what other replicas append, for as long as the engine lives; while Redis is down it

@@ -1,6 +1,7 @@
 //! The integration test binary: the real server on port 0, driven over gRPC and through the CLI,
 //! and property tests of the engine against an independent row-by-row model.
 
+mod cache;
 mod cli;
 mod coalesce;
 mod crash;

@@ -19,7 +19,7 @@ use crate::harness::text;
 use crate::process::{free_port, Process};
 
 /// The Redis to use, or `None` (after saying so) when there is none and none is required.
-fn redis_or_skip(test: &str) -> Option<String> {
+pub fn redis_or_skip(test: &str) -> Option<String> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let address = url
         .trim_start_matches("redis://")
@@ -48,7 +48,7 @@ fn redis_or_skip(test: &str) -> Option<String> {
 }
 
 /// A key prefix no other test or run shares.
-fn unique_prefix(test: &str) -> String {
+pub fn unique_prefix(test: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -56,13 +56,13 @@ fn unique_prefix(test: &str) -> String {
 }
 
 /// Deletes every key of a prefix.
-async fn clean(url: &str, prefix: &str) {
+pub async fn clean(url: &str, prefix: &str) {
     if let Ok(store) = RedisStore::connect(url, prefix).await {
         let _ = store.delete_all().await;
     }
 }
 
-fn replica(url: &str, prefix: &str) -> Vec<String> {
+pub fn replica(url: &str, prefix: &str) -> Vec<String> {
     vec![
         "--redis-url".into(),
         url.into(),
@@ -71,7 +71,7 @@ fn replica(url: &str, prefix: &str) -> Vec<String> {
     ]
 }
 
-async fn start(args: &[String]) -> Process {
+pub async fn start(args: &[String]) -> Process {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Process::serving(&args).await
 }
@@ -86,7 +86,7 @@ fn set(attribute: &str, value: pb::attribute_value::Kind) -> pb::AttributeUpdate
 }
 
 /// Upserts one user with a country and a writer tag.
-async fn upsert(
+pub async fn upsert(
     server: &Process,
     user: &str,
     country: &str,
@@ -106,7 +106,7 @@ async fn upsert(
     server.ingest().upsert_users(request).await.map(|_| ())
 }
 
-async fn record_view(server: &Process, user: &str) -> Result<(), tonic::Status> {
+pub async fn record_view(server: &Process, user: &str) -> Result<(), tonic::Status> {
     let now = crate::harness::now_ms().div_euclid(1000);
     let request = pb::RecordEventsRequest {
         dataset: String::new(),
@@ -123,7 +123,7 @@ async fn record_view(server: &Process, user: &str) -> Result<(), tonic::Status> 
     server.ingest().record_events(request).await.map(|_| ())
 }
 
-async fn delete(server: &Process, user: &str) -> Result<(), tonic::Status> {
+pub async fn delete(server: &Process, user: &str) -> Result<(), tonic::Status> {
     let request = pb::DeleteUsersRequest {
         dataset: String::new(),
         user_ids: vec![user.into()],
@@ -132,7 +132,7 @@ async fn delete(server: &Process, user: &str) -> Result<(), tonic::Status> {
 }
 
 /// Every member of an expression, in the server's order.
-async fn members(server: &Process, expr: &str) -> Result<Vec<String>, tonic::Status> {
+pub async fn members(server: &Process, expr: &str) -> Result<Vec<String>, tonic::Status> {
     let request = pb::ExportMembersRequest {
         dataset: String::new(),
         audience: text(expr),
@@ -156,7 +156,7 @@ const PROBES: [&str; 5] = [
 ];
 
 /// What every probe returns on one replica (an error text where it fails).
-async fn view(server: &Process) -> BTreeMap<&'static str, Result<Vec<String>, String>> {
+pub async fn view(server: &Process) -> BTreeMap<&'static str, Result<Vec<String>, String>> {
     let mut out = BTreeMap::new();
     for probe in PROBES {
         let found = members(server, probe)
@@ -168,7 +168,7 @@ async fn view(server: &Process) -> BTreeMap<&'static str, Result<Vec<String>, St
 }
 
 /// Polls `check` until it returns true or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -184,7 +184,7 @@ where
 }
 
 /// Waits until every replica answers every probe as the first does, then returns that view.
-async fn converged(
+pub async fn converged(
     replicas: &[&Process],
     limit: Duration,
 ) -> BTreeMap<&'static str, Result<Vec<String>, String>> {
@@ -206,7 +206,7 @@ async fn converged(
     }
 }
 
-async fn create_us_segment(server: &Process) {
+pub async fn create_us_segment(server: &Process) {
     let request = pb::CreateSegmentRequest {
         segment_id: "us".into(),
         name: "US".into(),
