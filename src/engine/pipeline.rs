@@ -171,7 +171,7 @@ impl super::Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
-        let (seq, done) = wal.submit(bytes)?;
+        let (seq, done) = wal.submit(bytes, None)?;
         state.log_position = crate::persist::Position::seq(seq);
         handle.pipeline.submitted(seq, state);
         drop(writer);

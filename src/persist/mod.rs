@@ -152,11 +152,14 @@ pub type Result<T, E = PersistError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
-    /// Every write waits for its own fsync (shared with writes that arrive at the same time).
+    /// Every write waits for its own fsync (shared with writes that arrive at the same time):
+    /// what is queued is synced at once.
     #[default]
     Always,
-    /// Writes wait for the next group fsync, at most `fsync_interval_ms` away: fewer fsyncs
-    /// under many small writes, each write waiting up to the interval.
+    /// A group fsync waits, up to `fsync_interval_ms` after the previous one, for the records
+    /// of writes still in progress, and no longer once every one has queued: a lone writer is
+    /// not held, concurrent writers share one fsync, and under a steady load there is at most
+    /// one fsync per interval.
     Interval,
 }
 
