@@ -9,11 +9,11 @@
 //!   engine per mode, loaded alike and kept side by side; each measurement gives every mode the
 //!   same `AUDIENCE_BENCH_WRITES` writes (so that the engines grow alike), and the repetitions
 //!   alternate which mode goes first (drift on a shared machine hits every mode alike).
-//!   Writes/s, the ratio to in memory (target: interval ≥ 50%), latency percentiles and log
-//!   bytes per write. Also upserts spread over 16 small datasets of their own: writers of one
-//!   dataset queue on its writer lock, so these show what the log's group commit does with
-//!   writers that do not. Each durable engine is then reopened (its snapshot and the stream's log
-//!   records) and checked against the one that wrote.
+//!   Writes/s, the ratio to in memory (target: interval ≥ 50%), latency percentiles, log bytes
+//!   and group syncs (fdatasync) per write. Also upserts and event batches spread over 16 small
+//!   datasets of their own: writers of one dataset queue on its writer lock, so these show what
+//!   the log's group commit does with writers that do not. Each durable engine is then reopened
+//!   (its snapshot and the stream's log records) and checked against the one that wrote.
 //! - `restart`: the demo users, 20 segments and `AUDIENCE_BENCH_EVENTS` demo events, imported
 //!   through `begin_import` in memory (the baseline: an in-memory server reloads from source)
 //!   and into a durable engine; then fresh engines recover from the log alone (the import
@@ -198,7 +198,11 @@ fn reset(dir: &Path) {
 }
 
 fn log_bytes(engine: &Engine) -> u64 {
-    engine.log_stats().map_or(0, |(bytes, _)| bytes)
+    engine.log_stats().map_or(0, |s| s.unsnapshotted_bytes)
+}
+
+fn log_syncs(engine: &Engine) -> u64 {
+    engine.log_stats().map_or(0, |s| s.syncs)
 }
 
 /// The demo users in import batches.
@@ -363,9 +367,11 @@ enum Write {
     /// Upserts, write `i` to dataset `i % SPREAD` of its own (empty at first): writers of one
     /// dataset queue on its writer, so this shows what the log does with writers that do not.
     UpsertSpread,
+    /// `RecordEvents` batches spread alike (their users created by the events).
+    EventsSpread,
 }
 
-/// Datasets of [`Write::UpsertSpread`].
+/// Datasets of [`Write::UpsertSpread`] and [`Write::EventsSpread`].
 const SPREAD: usize = 16;
 
 impl Write {
@@ -374,14 +380,22 @@ impl Write {
             Write::Upsert => "upsert 1 user".into(),
             Write::Events => format!("RecordEvents {EVENTS_PER_BATCH}"),
             Write::UpsertSpread => format!("upsert 1 user, {SPREAD} small datasets"),
+            Write::EventsSpread => {
+                format!("RecordEvents {EVENTS_PER_BATCH}, {SPREAD} small datasets")
+            }
         }
+    }
+
+    /// Whether writes go to datasets of their own rather than to the demo one.
+    fn is_spread(self) -> bool {
+        matches!(self, Write::UpsertSpread | Write::EventsSpread)
     }
 
     /// Writes per measurement: the small datasets' writes are cheap, so they get more.
     fn count(self, writes: usize) -> usize {
-        match self {
-            Write::UpsertSpread => writes * 10,
-            Write::Upsert | Write::Events => writes,
+        match self.is_spread() {
+            true => writes * 10,
+            false => writes,
         }
     }
 
@@ -389,6 +403,7 @@ impl Write {
     fn dataset(self, index: usize) -> String {
         match self {
             Write::UpsertSpread => format!("spread-{}", index % SPREAD),
+            Write::EventsSpread => format!("events-{}", index % SPREAD),
             Write::Upsert | Write::Events => DEFAULT_DATASET.into(),
         }
     }
@@ -413,7 +428,7 @@ impl Write {
                 }])
             }
             // Skewed users and mixed names, as the demo stream has them, a moment ago.
-            Write::Events => Change::RecordEvents(
+            Write::Events | Write::EventsSpread => Change::RecordEvents(
                 demo::events(users, EVENTS_PER_BATCH as u64, rng.next_u64(), AS_OF)
                     .enumerate()
                     .map(|(i, e)| EventRecord {
@@ -438,6 +453,8 @@ struct Run {
     /// Per write, microseconds, sorted.
     latencies: Vec<u32>,
     log_bytes: u64,
+    /// Group syncs of the log.
+    syncs: u64,
 }
 
 impl Run {
@@ -456,7 +473,7 @@ impl Run {
 fn stream(runtime: &Runtime, engine: &Arc<Engine>, changes: &Writes, writers: usize) -> Run {
     let changes = changes.clone();
     let next = Arc::new(AtomicUsize::new(0));
-    let log_before = log_bytes(engine);
+    let (log_before, syncs_before) = (log_bytes(engine), log_syncs(engine));
     let started = Instant::now();
     let mut latencies = runtime.block_on(async {
         let tasks: Vec<_> = (0..writers)
@@ -489,6 +506,7 @@ fn stream(runtime: &Runtime, engine: &Arc<Engine>, changes: &Writes, writers: us
         seconds,
         latencies,
         log_bytes: log_bytes(engine).saturating_sub(log_before),
+        syncs: log_syncs(engine).saturating_sub(syncs_before),
     }
 }
 
@@ -528,10 +546,16 @@ fn bench_writes(settings: &Settings, runtime: &Runtime) {
     }
     drop(batches);
 
-    let cases: Vec<(Write, usize)> = [Write::Upsert, Write::Events, Write::UpsertSpread]
+    let writes = [
+        Write::Upsert,
+        Write::Events,
+        Write::UpsertSpread,
+        Write::EventsSpread,
+    ];
+    let cases: Vec<(Write, usize)> = writes
         .into_iter()
         .flat_map(|w| settings.writers.iter().map(move |&n| (w, n)))
-        .filter(|&(w, n)| w != Write::UpsertSpread || n > 1)
+        .filter(|&(w, n)| !w.is_spread() || n > 1)
         .collect();
     let mut runs: BTreeMap<(usize, usize), Vec<Run>> = BTreeMap::new();
     for rep in 0..settings.reps {
@@ -568,9 +592,10 @@ fn bench_writes(settings: &Settings, runtime: &Runtime) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| write | writers | mode | writes/s | vs in memory | p50 ms | p99 ms | log bytes/write |"
+        "| write | writers | mode | writes/s | vs in memory | p50 ms | p99 ms | p99.9 ms | log \
+         bytes/write | writes/sync |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (case, &(write, writers)) in cases.iter().enumerate() {
         let mut baseline = f64::NAN;
         for (index, (mode, ..)) in engines.iter().enumerate() {
@@ -584,17 +609,22 @@ fn bench_writes(settings: &Settings, runtime: &Runtime) {
             let Some(run) = of_mode.first() else {
                 continue;
             };
-            let per_write = match mode.policy() {
-                Some(_) => format!("{:.0}", run.log_bytes as f64 / run.writes as f64),
-                None => "-".into(),
+            let (per_write, per_sync) = match mode.policy() {
+                Some(_) => (
+                    format!("{:.0}", run.log_bytes as f64 / run.writes as f64),
+                    format!("{:.1}", run.writes as f64 / run.syncs.max(1) as f64),
+                ),
+                None => ("-".into(), "-".into()),
             };
             println!(
-                "| {} | {writers} | {} | {rate:.0} | {:.1}% | {:.3} | {:.3} | {per_write} |",
+                "| {} | {writers} | {} | {rate:.0} | {:.1}% | {:.3} | {:.3} | {:.3} | {per_write} \
+                 | {per_sync} |",
                 write.label(),
                 mode.label(),
                 100.0 * rate / baseline,
                 run.percentile(0.5),
                 run.percentile(0.99),
+                run.percentile(0.999),
             );
         }
     }

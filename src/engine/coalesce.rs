@@ -20,6 +20,7 @@ use super::change::{Change, ChangeOutcome};
 use super::error::{EngineError, Result};
 use super::record::{LogRecord, RecordBody};
 use super::state::DatasetState;
+use super::pipeline::WriteInProgress;
 use super::{feed, Dataset, Engine, WriterGuard};
 use crate::persist::PersistError;
 use crate::time::Millis;
@@ -33,6 +34,8 @@ const MAX_WRITES: usize = 512;
 pub(super) struct Queued {
     id: u64,
     change: Change,
+    /// Ends when the batch's record is handed to the log (or the write is answered without).
+    in_progress: WriteInProgress,
     reply: oneshot::Sender<Result<ChangeOutcome>>,
 }
 
@@ -53,11 +56,21 @@ impl Queue {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, change: Change, reply: oneshot::Sender<Result<ChangeOutcome>>) -> u64 {
+    fn push(
+        &self,
+        change: Change,
+        in_progress: WriteInProgress,
+        reply: oneshot::Sender<Result<ChangeOutcome>>,
+    ) -> u64 {
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.writes.push_back(Queued { id, change, reply });
+        inner.writes.push_back(Queued {
+            id,
+            change,
+            in_progress,
+            reply,
+        });
         id
     }
 
@@ -185,9 +198,10 @@ impl Engine {
         name: &str,
         handle: Arc<Dataset>,
         change: Change,
+        in_progress: WriteInProgress,
     ) -> Result<ChangeOutcome> {
         let (reply, mut answer) = oneshot::channel();
-        let id = handle.coalesce.push(change, reply);
+        let id = handle.coalesce.push(change, in_progress, reply);
         let _waiting = Waiting {
             queue: &handle.coalesce,
             id,
@@ -241,7 +255,7 @@ impl Engine {
         };
         // From here on nothing awaits before the writes are answered or handed to a task that
         // answers them, so the batch is never abandoned half-applied.
-        let writes = std::mem::take(&mut batch.writes);
+        let mut writes = std::mem::take(&mut batch.writes);
         let Some(mut state) = state else {
             return answer(writes, results);
         };
@@ -255,7 +269,13 @@ impl Engine {
             now,
             body: record_body(changes, &results),
         };
-        let submitted = super::record::encode(&record).and_then(|bytes| Ok(wal.submit(bytes)?));
+        // The record is handed over with one write's announcement; the others end just after,
+        // when the record is already queued, so the group sync never runs without it.
+        let mut announced = writes.iter_mut().map(|w| w.in_progress.announced.take());
+        let first = announced.next().flatten();
+        let rest: Vec<_> = announced.collect();
+        let submitted = super::record::encode(&record).and_then(|b| Ok(wal.submit(b, first)?));
+        drop(rest);
         let (seq, done) = match submitted {
             Ok(submitted) => submitted,
             Err(error) => return answer_all(writes, &error),

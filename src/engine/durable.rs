@@ -100,8 +100,9 @@ impl Journal {
         }
     }
 
-    /// Appends a record of `dataset` whose version was `expected`; returns its position once
-    /// it is durable, counted for the snapshot triggers (and the erasure clock when it deletes).
+    /// Appends a record of `dataset` whose version was `expected`, ending its write's
+    /// `in_progress` as it is handed over; returns its position once it is durable, counted for
+    /// the snapshot triggers (and the erasure clock when it deletes).
     ///
     /// # Errors
     /// The store cannot take it ([`PersistError::Conflict`]: another replica wrote first).
@@ -111,9 +112,13 @@ impl Journal {
         expected: Position,
         bytes: Vec<u8>,
         is_delete: bool,
+        in_progress: super::pipeline::WriteInProgress,
     ) -> Result<Position> {
         let position = match &self.backend {
-            Backend::Local { wal, .. } => wal.append(bytes).await?,
+            Backend::Local { wal, .. } => {
+                let (_, done) = wal.submit(bytes, in_progress.announced)?;
+                Wal::durable(done).await?
+            }
             Backend::Shared(shared) => shared.append(dataset, expected, bytes).await?,
         };
         self.note_appended(is_delete);
@@ -196,6 +201,18 @@ pub struct SnapshotReport {
     pub seconds: f64,
 }
 
+/// What the log holds and what it cost since the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Log bytes not yet in a snapshot.
+    pub unsnapshotted_bytes: u64,
+    /// Snapshots written.
+    pub snapshots: u64,
+    /// Group syncs of the embedded log (one `fdatasync` each, however many writes it made
+    /// durable): what the fsync policy costs the disk. 0 in Redis mode.
+    pub syncs: u64,
+}
+
 /// How far a start has come, for `UNAVAILABLE: loading: N of M` and health.
 #[derive(Debug, Default)]
 pub struct LoadProgress {
@@ -260,6 +277,7 @@ impl Engine {
         let Some(journal) = self.journal() else {
             return Ok(Position::START);
         };
+        let in_progress = self.write_in_progress();
         let is_delete = matches!(
             record.body,
             RecordBody::Change(super::Change::DeleteUsers(_))
@@ -269,7 +287,9 @@ impl Engine {
         let bytes = tokio::task::spawn_blocking(move || record::encode(&owned))
             .await
             .map_err(|e| EngineError::Internal(format!("log encoding failed: {e}")))??;
-        journal.append(&dataset, expected, bytes, is_delete).await
+        journal
+            .append(&dataset, expected, bytes, is_delete, in_progress)
+            .await
     }
 
     /// The id of the log watch tokens name, when durable.
@@ -497,13 +517,14 @@ impl Engine {
             .then_some("deleted users reached erasure_max_age")
     }
 
-    /// Log bytes not yet in a snapshot, and snapshots written since the start.
-    pub fn log_stats(&self) -> Option<(u64, u64)> {
+    /// What the log holds and what it cost so far, when durable.
+    pub fn log_stats(&self) -> Option<LogStats> {
         let journal = self.journal()?;
-        Some((
-            journal.unsnapshotted_bytes(),
-            journal.snapshots.load(Ordering::Relaxed),
-        ))
+        Some(LogStats {
+            unsnapshotted_bytes: journal.unsnapshotted_bytes(),
+            snapshots: journal.snapshots.load(Ordering::Relaxed),
+            syncs: self.local_wal().map_or(0, Wal::syncs),
+        })
     }
 
     /// Counts a snapshot written.

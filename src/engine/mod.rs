@@ -56,7 +56,7 @@ pub use change::{
     AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, EventRecord, ImportBatch,
     SegmentDefinition, UserUpdate,
 };
-pub use durable::{DurableOptions, LoadProgress, RecoveryReport, SnapshotReport};
+pub use durable::{DurableOptions, LoadProgress, LogStats, RecoveryReport, SnapshotReport};
 pub use error::{EngineError, Result};
 pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
 pub use replica::{Lag, SharedOptions};
@@ -320,9 +320,14 @@ impl Engine {
     pub async fn apply(&self, dataset: &str, change: Change) -> Result<ChangeOutcome> {
         self.check_change(&change)?;
         let name = dataset_name(dataset)?;
+        // Counted from before the writer lock: a group sync of the log can wait for the record
+        // of a write queued behind another one of the same dataset.
+        let mut in_progress = self.write_in_progress();
         if coalesce::coalescable(&change) && self.shared().is_none() {
             if let Ok(handle) = self.dataset(name) {
-                return self.apply_coalesced(name, handle, change).await;
+                return self
+                    .apply_coalesced(name, handle, change, in_progress)
+                    .await;
             }
         }
         let mut conflicts = 0;
@@ -334,7 +339,7 @@ impl Engine {
             let writer = handle.writer.clone().lock_owned().await;
             if let (Some(wal), None) = (self.local_wal(), &pending) {
                 return self
-                    .apply_pipelined(name, &handle, writer, &change, wal)
+                    .apply_pipelined(name, &handle, writer, in_progress, &change, wal)
                     .await;
             }
             let mut state = DatasetState::clone(&handle.current());
@@ -378,9 +383,11 @@ impl Engine {
                 bounds: feed::FeedBounds::from(&self.limits),
             };
             let (dataset, writer) = (name.to_owned(), writer);
-            let result = tokio::spawn(logged.run(dataset, state, bytes, is_delete, writer))
-                .await
-                .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))?;
+            let in_progress = std::mem::take(&mut in_progress);
+            let result =
+                tokio::spawn(logged.run(dataset, state, bytes, is_delete, writer, in_progress))
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))?;
             match result {
                 Ok(()) => return Ok(outcome),
                 Err((
@@ -564,11 +571,12 @@ impl LoggedWrite {
         bytes: Vec<u8>,
         is_delete: bool,
         writer: WriterGuard,
+        in_progress: pipeline::WriteInProgress,
     ) -> std::result::Result<(), (EngineError, Option<WriterGuard>)> {
         let expected = state.log_position;
         match self
             .journal
-            .append(&dataset, expected, bytes, is_delete)
+            .append(&dataset, expected, bytes, is_delete, in_progress)
             .await
         {
             Ok(position) => {

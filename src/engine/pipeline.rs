@@ -16,6 +16,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 
 use super::state::{DatasetState, SegmentTransition};
+use crate::persist::wal::{InProgress, Wal};
+
+/// A write between its start and the moment its record is handed to the log. An embedded log
+/// under `fsync = "interval"` holds its group sync for such a write's record instead of syncing
+/// without it (up to the interval), so writers that come together share a sync and a lone one
+/// is not held (see [`InProgress`]). Dropped without its record (the write failed, or its
+/// caller went away), it stops being waited for. Empty in memory and in Redis mode, whose
+/// appends are not grouped.
+#[derive(Debug, Default)]
+#[must_use = "a write in progress ends when dropped: hand it to the log with its record"]
+pub(super) struct WriteInProgress {
+    pub(super) announced: Option<InProgress>,
+}
 
 /// A version waiting for its record to be durable.
 #[derive(Debug)]
@@ -136,8 +149,16 @@ impl Pipeline {
 }
 
 impl super::Engine {
+    /// Starts a write: from now until its record is handed to the log (or it is dropped), an
+    /// `interval` group sync waits for it (see [`WriteInProgress`]).
+    pub(super) fn write_in_progress(&self) -> WriteInProgress {
+        WriteInProgress {
+            announced: self.local_wal().map(Wal::announce),
+        }
+    }
+
     /// The embedded log, when that is where records go.
-    pub(super) fn local_wal(&self) -> Option<&crate::persist::wal::Wal> {
+    pub(super) fn local_wal(&self) -> Option<&Wal> {
         match &self.journal()?.backend {
             super::durable::Backend::Local { wal, .. } => Some(wal),
             super::durable::Backend::Shared(_) => None,
@@ -145,7 +166,8 @@ impl super::Engine {
     }
 
     /// Applies a change to an existing dataset in embedded mode: applied and handed to the log
-    /// under the writer lock, made durable after it, published in log order.
+    /// (ending `in_progress`) under the writer lock, made durable after it, published in log
+    /// order.
     ///
     /// # Errors
     /// As [`super::Engine::apply`]; a log that cannot take the record (nothing is published).
@@ -154,8 +176,9 @@ impl super::Engine {
         name: &str,
         handle: &Arc<super::Dataset>,
         writer: tokio::sync::OwnedMutexGuard<()>,
+        in_progress: WriteInProgress,
         change: &super::Change,
-        wal: &crate::persist::wal::Wal,
+        wal: &Wal,
     ) -> super::Result<super::ChangeOutcome> {
         use super::error::EngineError;
         let mut state = DatasetState::clone(&handle.pipeline.base(|| handle.current()));
@@ -171,7 +194,7 @@ impl super::Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(format!("write task failed: {e}")))??;
-        let (seq, done) = wal.submit(bytes, None)?;
+        let (seq, done) = wal.submit(bytes, in_progress.announced)?;
         state.log_position = crate::persist::Position::seq(seq);
         handle.pipeline.submitted(seq, state);
         drop(writer);
@@ -180,7 +203,7 @@ impl super::Engine {
         let journal = self.journal.get().cloned();
         let is_delete = matches!(change, super::Change::DeleteUsers(_));
         let durable = tokio::spawn(async move {
-            let durable = crate::persist::wal::Wal::durable(done).await;
+            let durable = Wal::durable(done).await;
             if let (Ok(_), Some(journal)) = (&durable, journal) {
                 journal.note_appended(is_delete);
             }

@@ -574,6 +574,59 @@ async fn concurrent_writers_of_one_dataset_share_syncs_and_recover_in_log_order(
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
+/// Applies a change and checks that it was not held by a 5 s `interval`.
+async fn write_not_held(engine: &Engine, dataset: &str, change: Change) {
+    let started = std::time::Instant::now();
+    engine.apply(dataset, change).await.expect("write applies");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a write to {dataset} waited {:?} for the interval",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_hands_over_its_record_so_no_write_waits_for_the_interval() {
+    let dir = temp_dir("long-interval");
+    let clock = FixedClock::new(JAN_1_2026);
+    let mut long = options(&dir);
+    long.wal.interval = Duration::from_secs(5);
+    let engine = open_with(&dir, &clock, long).await;
+    let mut rng = SplitMix::new(7);
+    // The first write creates its dataset (logged by a task of its own); later ones go
+    // through the dataset's pipeline.
+    write_not_held(&engine, "default", us_user("a")).await;
+    write_not_held(&engine, "default", random_events(&mut rng, JAN_1_2026)).await;
+    write_not_held(&engine, "default", Change::DeleteUsers(vec!["a".into()])).await;
+    // A write that fails to apply ends its announcement too.
+    let refused = engine
+        .apply("default", Change::DeleteSegment("no-such-segment".into()))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    write_not_held(&engine, "default", us_user("b")).await;
+    let started = std::time::Instant::now();
+    import(&engine, "imported", &[users_batch(&mut rng)], &[]).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "import held");
+    // Writers of datasets of their own at once.
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    let change = us_user(&format!("user-{w}-{i}"));
+                    write_not_held(&engine, &format!("spread-{w}"), change).await;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    assert_eq!(engine.dataset_names().len(), 18);
+    drop(engine);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_starts_after_its_snapshot_ends_is_refused_not_half_replayed() {
     let dir = temp_dir("log-gap");
