@@ -34,11 +34,13 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Start of every Redis key, so that several deployments can share one Redis.
     pub redis_prefix: String,
-    /// When a logged write is forced to disk before it is acknowledged: `always` (each write
-    /// waits for an fsync, shared with writes arriving at the same time) or `interval` (writes
-    /// wait for a group fsync every `fsync_interval_ms`).
+    /// When a logged write is forced to disk before it is acknowledged: `always` (what is
+    /// queued is synced at once, shared with writes arriving at the same time) or `interval` (a
+    /// group fsync waits for the writes still in progress, at most `fsync_interval_ms` after
+    /// the previous one).
     pub fsync: FsyncPolicy,
-    /// The group-commit interval of `fsync = "interval"`, in milliseconds.
+    /// The longest a group fsync of `fsync = "interval"` waits for writes in progress, counted
+    /// from the previous one, in milliseconds: under load, at most one fsync per interval.
     pub fsync_interval_ms: u64,
     /// A log segment file is closed and a new one started past this size.
     pub wal_segment_bytes: u64,

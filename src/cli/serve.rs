@@ -35,7 +35,8 @@ pub struct ServeArgs {
     /// When a write is forced to disk before it is acknowledged: always or interval.
     #[arg(long, env = "AUDIENCE_FSYNC")]
     fsync: Option<crate::persist::FsyncPolicy>,
-    /// Milliseconds between group fsyncs with `--fsync interval`.
+    /// With `--fsync interval`: the longest a group fsync waits for writes in progress,
+    /// counted from the previous one (milliseconds).
     #[arg(long, env = "AUDIENCE_FSYNC_INTERVAL_MS")]
     fsync_interval_ms: Option<u64>,
     /// Log bytes after which a snapshot is written in the background.
