@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 
 use super::change::{Change, ChangeOutcome};
 use super::error::{EngineError, Result};
+use super::pipeline::WriteInProgress;
 use super::record::{LogRecord, RecordBody};
 use super::state::DatasetState;
-use super::pipeline::WriteInProgress;
 use super::{feed, Dataset, Engine, WriterGuard};
 use crate::persist::PersistError;
 use crate::time::Millis;

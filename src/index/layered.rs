@@ -13,6 +13,9 @@ use std::sync::{Arc, OnceLock};
 use super::bitmap::Bitmap;
 use super::keys::DenseId;
 
+/// Up to this many ids are handled one by one rather than as sets.
+const FEW: u64 = 64;
+
 /// The deltas are folded into the base once they hold more ids than this.
 fn fold_limit(base: u64) -> u64 {
     4096 + base / 128
@@ -57,6 +60,9 @@ impl LayeredBitmap {
         if let Some(whole) = self.whole.get() {
             return &**whole & ids;
         }
+        if ids.len() <= FEW {
+            return ids.iter().filter(|&id| self.contains(id)).collect();
+        }
         let mut members = &*self.base & ids;
         members -= &*self.removed;
         members |= &*self.added & ids;
@@ -87,14 +93,27 @@ impl LayeredBitmap {
         self.whole = OnceLock::new();
         let added = Arc::make_mut(&mut self.added);
         let removed = Arc::make_mut(&mut self.removed);
-        // Entering users that were removed from the base are simply not removed any more.
-        let back = entered & &*removed;
-        *removed -= &back;
-        *added |= entered - &back;
-        // Leaving users that were added are simply not added any more.
-        let undone = left & &*added;
-        *added -= &undone;
-        *removed |= left - &undone;
+        if entered.len() + left.len() <= FEW {
+            // Entering users that were removed from the base are simply not removed any more,
+            // and leaving users that were added not added any more.
+            for id in entered {
+                if !removed.remove(id) {
+                    added.insert(id);
+                }
+            }
+            for id in left {
+                if !added.remove(id) {
+                    removed.insert(id);
+                }
+            }
+        } else {
+            let back = entered & &*removed;
+            *removed -= &back;
+            *added |= entered - &back;
+            let undone = left & &*added;
+            *added -= &undone;
+            *removed |= left - &undone;
+        }
         if added.len() + removed.len() > fold_limit(self.base.len()) {
             self.fold();
         }
