@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::error::Result;
 use super::eval::Scope;
 use super::plan::Binder;
-use super::segment::SegmentReads;
+use super::segment::{signature, SegmentReads};
 use super::state::DatasetState;
 use crate::index::Bitmap;
 use crate::time::Millis;
@@ -92,12 +92,16 @@ impl DatasetState {
         // Evaluating a large batch within itself costs more than evaluating once over everyone.
         let touched = touched.filter(|t| t.len().saturating_mul(2) < self.live.len());
         let scope_users = touched.map(|t| t & &*self.live);
+        let written_signature = match written {
+            Written::Only { attributes, events } => signature(attributes, events),
+            Written::Anything | Written::Deleted => u64::MAX,
+        };
         let mut changed: BTreeSet<&str> = BTreeSet::new();
         for id in order {
             let Some(segment) = self.segments.get(id) else {
                 continue;
             };
-            if !affected(&segment.reads, written, &changed) {
+            if !affected(&segment.reads, written, written_signature, &changed) {
                 continue;
             }
             let slot = segment.slot;
@@ -144,9 +148,16 @@ impl DatasetState {
 
 /// Whether a write of `written`, which changed the members of the segments in `changed`, can
 /// change the members of a segment that reads `reads`.
-fn affected(reads: &SegmentReads, written: &Written, changed: &BTreeSet<&str>) -> bool {
+fn affected(
+    reads: &SegmentReads,
+    written: &Written,
+    written_signature: u64,
+    changed: &BTreeSet<&str>,
+) -> bool {
     match written {
         Written::Anything | Written::Deleted => true,
-        Written::Only { attributes, events } => reads.reads_any(attributes, events, changed),
+        Written::Only { attributes, events } => {
+            reads.reads_any(attributes, events, written_signature, changed)
+        }
     }
 }
