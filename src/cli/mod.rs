@@ -108,7 +108,7 @@ pub enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Write a snapshot of the server's data now (showing progress) and free the log it
-    /// covers; the server must run with --data-dir.
+    /// covers; the server must run with --data-dir or --redis-url.
     Snapshot {
         /// Write only this dataset afresh, carrying the others over (frees no log).
         #[arg(long)]

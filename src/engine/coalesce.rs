@@ -126,15 +126,18 @@ pub(super) fn coalescable(change: &Change) -> bool {
     )
 }
 
-/// Withdraws a caller's write if the caller goes away while it is still queued.
+/// Withdraws a caller's write if the caller goes away while it may still be queued.
 struct Waiting<'a> {
     queue: &'a Queue,
     id: u64,
+    answered: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.queue.withdraw(self.id);
+        if !self.answered {
+            self.queue.withdraw(self.id);
+        }
     }
 }
 
@@ -202,19 +205,24 @@ impl Engine {
     ) -> Result<ChangeOutcome> {
         let (reply, mut answer) = oneshot::channel();
         let id = handle.coalesce.push(change, in_progress, reply);
-        let _waiting = Waiting {
+        let mut waiting = Waiting {
             queue: &handle.coalesce,
             id,
+            answered: false,
         };
         loop {
             tokio::select! {
                 biased;
-                result = &mut answer => return unanswered(result),
+                result = &mut answer => {
+                    waiting.answered = true;
+                    return unanswered(result);
+                }
                 writer = handle.writer.clone().lock_owned() => {
                     let writes = handle.coalesce.take(&self.limits);
                     if writes.is_empty() {
                         // Another writer took this write and is making it durable.
                         drop(writer);
+                        waiting.answered = true;
                         return unanswered(answer.await);
                     }
                     let batch = Batch { queue: &handle.coalesce, writes };

@@ -118,6 +118,22 @@ async fn all_at_once(engine: &Arc<Engine>, writes: &[Change]) -> Vec<Result<Stri
     results
 }
 
+/// Seeds `engine`, sends random writes all at once and checks each result against the same
+/// writes applied one by one; returns the version before and the expected end.
+async fn send_and_check(
+    engine: &Arc<Engine>,
+    seed_value: u64,
+    rng: &mut SplitMix,
+) -> (Arc<DatasetState>, Vec<Result<String, String>>, String) {
+    seed(engine, rng).await;
+    let before = engine.snapshot("default").expect("dataset");
+    let writes: Vec<Change> = (0..2 + rng.below(60)).map(|_| random_write(rng)).collect();
+    let (expected, expected_end) = one_by_one(&before, &writes);
+    let got = all_at_once(engine, &writes).await;
+    assert_eq!(got, expected, "seed {seed_value}: each write's own result");
+    (before, expected, expected_end)
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn queued_writes_applied_together_equal_the_same_writes_one_by_one() {
     let (mut succeeded, mut versions) = (0, 0);
@@ -125,14 +141,7 @@ async fn queued_writes_applied_together_equal_the_same_writes_one_by_one() {
         let clock = FixedClock::new(JAN_1_2026);
         let engine = Arc::new(Engine::new(Limits::default(), clock));
         let mut rng = SplitMix::new(seed_value);
-        seed(&engine, &mut rng).await;
-        let before = engine.snapshot("default").expect("dataset");
-        let writes: Vec<Change> = (0..2 + rng.below(60))
-            .map(|_| random_write(&mut rng))
-            .collect();
-        let (expected, expected_end) = one_by_one(&before, &writes);
-        let got = all_at_once(&engine, &writes).await;
-        assert_eq!(got, expected, "seed {seed_value}: each write's own result");
+        let (before, expected, expected_end) = send_and_check(&engine, seed_value, &mut rng).await;
         let after = engine.snapshot("default").expect("dataset");
         assert_eq!(
             fingerprint(&after),
@@ -157,14 +166,7 @@ async fn queued_writes_logged_together_replay_to_the_same_dataset() {
         let clock = FixedClock::new(JAN_1_2026);
         let engine = open(&dir, &clock).await;
         let mut rng = SplitMix::new(seed_value + 100);
-        seed(&engine, &mut rng).await;
-        let before = engine.snapshot("default").expect("dataset");
-        let writes: Vec<Change> = (0..2 + rng.below(60))
-            .map(|_| random_write(&mut rng))
-            .collect();
-        let (expected, expected_end) = one_by_one(&before, &writes);
-        let got = all_at_once(&engine, &writes).await;
-        assert_eq!(got, expected, "seed {seed_value}: each write's own result");
+        let (_, _, expected_end) = send_and_check(&engine, seed_value, &mut rng).await;
         drop(engine);
         let engine = open(&dir, &clock).await;
         let recovered = engine.snapshot("default").expect("dataset");
