@@ -141,11 +141,14 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Writes taken from the queue; put back if dropped before they were applied (the leader's
-/// caller went away), so that their own callers are still answered.
+/// Writes taken from the queue, with the writer lock they were taken under; put back if
+/// dropped before they were applied (the leader's caller went away), so that their own callers
+/// are still answered. The lock is let go only after that (fields drop after `drop`): a writer
+/// that then finds the queue empty knows its write is being made durable, not lost.
 struct Batch<'a> {
     queue: &'a Queue,
     writes: Vec<Queued>,
+    writer: Option<WriterGuard>,
 }
 
 impl Drop for Batch<'_> {
@@ -225,8 +228,12 @@ impl Engine {
                         waiting.answered = true;
                         return unanswered(answer.await);
                     }
-                    let batch = Batch { queue: &handle.coalesce, writes };
-                    self.write_batch(name, &handle, writer, batch).await;
+                    let batch = Batch {
+                        queue: &handle.coalesce,
+                        writes,
+                        writer: Some(writer),
+                    };
+                    self.write_batch(name, &handle, batch).await;
                 }
             }
         }
@@ -234,13 +241,7 @@ impl Engine {
 
     /// Applies a batch as one version, publishes it (in embedded mode once its record is
     /// durable) and answers each write.
-    async fn write_batch(
-        &self,
-        name: &str,
-        handle: &Arc<Dataset>,
-        writer: WriterGuard,
-        mut batch: Batch<'_>,
-    ) {
+    async fn write_batch(&self, name: &str, handle: &Arc<Dataset>, mut batch: Batch<'_>) {
         let wal = self.local_wal();
         let base = match wal {
             Some(_) => handle.pipeline.base(|| handle.current()),
@@ -271,12 +272,12 @@ impl Engine {
             handle.publish(state, feed::FeedBounds::from(&self.limits));
             return answer(writes, results);
         };
-        let is_delete = changes.iter().any(|c| matches!(c, Change::DeleteUsers(_)));
         let record = LogRecord {
             dataset: name.to_owned(),
             now,
             body: record_body(changes, &results),
         };
+        let is_delete = record.body.deletes_users();
         // The record is handed over with one write's announcement; the others end just after,
         // when the record is already queued, so the group sync never runs without it.
         let mut announced = writes.iter_mut().map(|w| w.in_progress.announced.take());
@@ -290,7 +291,7 @@ impl Engine {
         };
         state.log_position = crate::persist::Position::seq(seq);
         handle.pipeline.submitted(seq, state);
-        drop(writer);
+        drop(batch.writer.take());
         // A task of its own waits for the record and answers: no caller's going away may stall
         // the queue or leave a write unanswered.
         let (settler, bounds) = (handle.clone(), feed::FeedBounds::from(&self.limits));

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::{EngineError, Result};
-use super::record::{self, LogRecord, RecordBody};
+use super::record::{self, LogRecord};
 use super::recovery::recover;
 use super::state::DatasetState;
 use super::{feed, snapshot, Dataset, Engine};
@@ -278,10 +278,7 @@ impl Engine {
             return Ok(Position::START);
         };
         let in_progress = self.write_in_progress();
-        let is_delete = matches!(
-            record.body,
-            RecordBody::Change(super::Change::DeleteUsers(_))
-        );
+        let is_delete = record.body.deletes_users();
         let dataset = record.dataset.clone();
         let owned = record.clone();
         let bytes = tokio::task::spawn_blocking(move || record::encode(&owned))

@@ -38,6 +38,20 @@ pub enum RecordBody {
     Changes(Vec<Change>),
 }
 
+impl RecordBody {
+    /// Whether the write deleted users (alone or among coalesced writes): the erasure clock
+    /// starts at the oldest such record not yet in a snapshot.
+    pub fn deletes_users(&self) -> bool {
+        match self {
+            RecordBody::Change(change) => matches!(change, Change::DeleteUsers(_)),
+            RecordBody::Changes(changes) => {
+                changes.iter().any(|c| matches!(c, Change::DeleteUsers(_)))
+            }
+            RecordBody::Import(_) => false,
+        }
+    }
+}
+
 /// One batch of an import.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ImportPart {

@@ -73,10 +73,7 @@ pub(super) fn recover(
         if seq <= state.log_position.major {
             return Ok(());
         }
-        if matches!(
-            record.body,
-            RecordBody::Change(super::Change::DeleteUsers(_))
-        ) {
+        if record.body.deletes_users() {
             let at = report
                 .oldest_delete
                 .map_or(record.now, |o| o.min(record.now));

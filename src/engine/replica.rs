@@ -456,10 +456,7 @@ pub(super) fn apply_shared(
             let mut next = state.clone();
             apply_record(&mut next, &record)?;
             *state = next;
-            Ok(matches!(
-                record.body,
-                record::RecordBody::Change(super::Change::DeleteUsers(_))
-            ))
+            Ok(record.body.deletes_users())
         });
     state.log_position = position;
     applied.unwrap_or_else(|error| {

@@ -524,6 +524,51 @@ async fn the_erasure_clock_of_a_delete_survives_a_restart() {
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
+/// A delete applied together with other writes (one coalesced record) starts the erasure
+/// clock on recovery as a delete alone does.
+#[tokio::test(flavor = "current_thread")]
+async fn the_erasure_clock_of_a_coalesced_delete_survives_a_restart() {
+    let dir = temp_dir("erasure-coalesced");
+    let clock = FixedClock::new(JAN_1_2026);
+    let erasure = DurableOptions {
+        erasure_max_age: Duration::from_secs(2),
+        ..options(&dir)
+    };
+    let engine = open_with(&dir, &clock, erasure.clone()).await;
+    for user in ["erase-me-77b2", "keep-me-1f0c"] {
+        engine
+            .apply("default", us_user(user))
+            .await
+            .expect("upsert");
+    }
+    // Sent at once: the first applies alone, the rest (the delete among them) together.
+    let mut writes: Vec<Change> = (0..6).map(|i| us_user(&format!("other-{i}"))).collect();
+    writes.push(Change::DeleteUsers(vec!["erase-me-77b2".into()]));
+    let tasks: Vec<_> = writes
+        .into_iter()
+        .map(|write| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.apply("default", write).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("writer").expect("write");
+    }
+    drop(engine);
+    let engine = open_with(&dir, &clock, erasure).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while any_file_holds(&dir, b"erase-me-77b2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted bytes stayed on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(any_file_holds(&dir, b"keep-me-1f0c"), "live users stay");
+    drop(engine);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_of_one_dataset_share_syncs_and_recover_in_log_order() {
     let dir = temp_dir("concurrent");
