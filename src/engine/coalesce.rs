@@ -294,18 +294,9 @@ impl Engine {
         drop(batch.writer.take());
         // A task of its own waits for the record and answers: no caller's going away may stall
         // the queue or leave a write unanswered.
-        let (settler, bounds) = (handle.clone(), feed::FeedBounds::from(&self.limits));
-        let journal = self.journal.get().cloned();
+        let settled = self.settle_when_durable(handle, seq, done, is_delete);
         tokio::spawn(async move {
-            let durable = crate::persist::wal::Wal::durable(done).await;
-            if let (Ok(_), Some(journal)) = (&durable, journal) {
-                journal.note_appended(is_delete);
-            }
-            settler.pipeline.settle(seq, durable.is_ok(), |ready| {
-                settler.publish_ready(ready, bounds)
-            });
-            settler.pipeline.wait_settled(seq).await;
-            match durable {
+            match settled.await {
                 Ok(_) => answer(writes, results),
                 Err(error) => answer_all(writes, &EngineError::from(error)),
             }

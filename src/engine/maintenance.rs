@@ -36,24 +36,6 @@ pub enum Written {
     Deleted,
 }
 
-impl Written {
-    /// Attributes of existing users.
-    pub fn attributes<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
-        Written::Only {
-            attributes: names.into_iter().map(str::to_owned).collect(),
-            events: BTreeSet::new(),
-        }
-    }
-
-    /// Events of existing users.
-    pub fn events<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
-        Written::Only {
-            attributes: BTreeSet::new(),
-            events: names.into_iter().map(str::to_owned).collect(),
-        }
-    }
-}
-
 impl DatasetState {
     /// Rebalances range indexes and brings every segment up to date for `touched` users.
     ///

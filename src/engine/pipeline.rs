@@ -199,10 +199,30 @@ impl super::Engine {
         handle.pipeline.submitted(seq, state);
         drop(writer);
         // Settled by a task of its own: a caller that goes away must not stall the queue.
+        let is_delete = matches!(change, super::Change::DeleteUsers(_));
+        let settled = self.settle_when_durable(handle, seq, done, is_delete);
+        tokio::spawn(settled)
+            .await
+            .map_err(|e| EngineError::Internal(format!("log task failed: {e}")))??;
+        Ok(outcome)
+    }
+
+    /// Waits for record `seq` to be durable, then publishes the versions it makes ready (in
+    /// log order) and waits until its own is settled; run as a task of its own, so that no
+    /// caller's going away stalls the queue.
+    ///
+    /// # Errors
+    /// The log could not make the record durable (nothing of it is published).
+    pub(super) fn settle_when_durable(
+        &self,
+        handle: &Arc<super::Dataset>,
+        seq: u64,
+        done: tokio::sync::oneshot::Receiver<crate::persist::Result<u64>>,
+        is_delete: bool,
+    ) -> impl std::future::Future<Output = crate::persist::Result<()>> + Send + 'static {
         let (settler, bounds) = (handle.clone(), super::feed::FeedBounds::from(self.limits()));
         let journal = self.journal.get().cloned();
-        let is_delete = matches!(change, super::Change::DeleteUsers(_));
-        let durable = tokio::spawn(async move {
+        async move {
             let durable = Wal::durable(done).await;
             if let (Ok(_), Some(journal)) = (&durable, journal) {
                 journal.note_appended(is_delete);
@@ -210,12 +230,8 @@ impl super::Engine {
             settler.pipeline.settle(seq, durable.is_ok(), |ready| {
                 settler.publish_ready(ready, bounds)
             });
-            durable
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("log task failed: {e}")))?;
-        durable?;
-        handle.pipeline.wait_settled(seq).await;
-        Ok(outcome)
+            settler.pipeline.wait_settled(seq).await;
+            durable.map(|_| ())
+        }
     }
 }

@@ -481,6 +481,18 @@ fn any_file_holds(dir: &Path, needle: &[u8]) -> bool {
     })
 }
 
+/// Waits (up to 20 s) until no file under `dir` holds `needle`: the erasure snapshot ran.
+async fn wait_until_erased(dir: &Path, needle: &[u8]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while any_file_holds(dir, needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted bytes stayed on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_erasure_clock_of_a_delete_survives_a_restart() {
     let dir = temp_dir("erasure-restart");
@@ -508,14 +520,7 @@ async fn the_erasure_clock_of_a_delete_survives_a_restart() {
     // Restarted before any snapshot: the delete's age is read back from the log.
     drop(engine);
     let engine = open_with_erasure().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while any_file_holds(&dir, b"erase-me-4c1d") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "deleted bytes stayed on disk"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_erased(&dir, b"erase-me-4c1d").await;
     assert!(
         any_file_holds(&dir, b"keep-me-9a7e"),
         "live users stay on disk"
@@ -556,14 +561,7 @@ async fn the_erasure_clock_of_a_coalesced_delete_survives_a_restart() {
     }
     drop(engine);
     let engine = open_with(&dir, &clock, erasure).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while any_file_holds(&dir, b"erase-me-77b2") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "deleted bytes stayed on disk"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_erased(&dir, b"erase-me-77b2").await;
     assert!(any_file_holds(&dir, b"keep-me-1f0c"), "live users stay");
     drop(engine);
     std::fs::remove_dir_all(&dir).expect("clean up");
