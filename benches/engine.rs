@@ -63,6 +63,24 @@ const TEN: &str = r#"country IN ("US", "GB", "DE") AND age BETWEEN 18 AND 44 AND
     AND interests HAS ANY ("sports", "travel") AND NOT interests HAS "gaming" AND subscriber = TRUE
     AND lifetime_spend > 100 AND signup_ts >= "2024-06-01T00:00:00Z" AND gender IS NOT NULL
     AND region != "US-R0""#;
+/// Shapes the issue measured far from plain bitmap queries: a range on a high-cardinality float
+/// or timestamp with a 20-value `IN` and a 10-value `HAS ANY`; a negated `IN` with a flag and a
+/// time bound; an `OR` of two `IS NULL`.
+const RANGE_FLOAT_IN_ANY: &str = r#"lifetime_spend BETWEEN 20 AND 400
+    AND city IN ("US-R0-C0", "US-R0-C1", "US-R0-C2", "US-R1-C0", "US-R1-C1", "US-R2-C0", "GB-R0-C0",
+        "GB-R0-C1", "GB-R1-C0", "DE-R0-C0", "DE-R0-C1", "DE-R1-C0", "FR-R0-C0", "FR-R0-C1",
+        "BR-R0-C0", "IN-R0-C0", "JP-R0-C0", "CA-R0-C0", "ES-R0-C0", "IT-R0-C0")
+    AND interests HAS ANY ("sports", "travel", "music", "movies", "tech", "fashion", "food",
+        "fitness", "gaming", "finance")"#;
+const RANGE_TIME_IN_ANY: &str = r#"signup_ts BETWEEN "2024-03-01T00:00:00Z" AND "2025-02-15T12:00:00Z"
+    AND city IN ("US-R0-C0", "US-R0-C1", "US-R0-C2", "US-R1-C0", "US-R1-C1", "US-R2-C0", "GB-R0-C0",
+        "GB-R0-C1", "GB-R1-C0", "DE-R0-C0", "DE-R0-C1", "DE-R1-C0", "FR-R0-C0", "FR-R0-C1",
+        "BR-R0-C0", "IN-R0-C0", "JP-R0-C0", "CA-R0-C0", "ES-R0-C0", "IT-R0-C0")
+    AND interests HAS ANY ("sports", "travel", "music", "movies", "tech", "fashion", "food",
+        "fitness", "gaming", "finance")"#;
+const NOT_IN_FLAG_TIME: &str = r#"NOT country IN ("US", "GB", "DE") AND subscriber = TRUE
+    AND signup_ts >= "2025-01-01T00:00:00Z""#;
+const OR_NULLS: &str = r#"age IS NULL OR lifetime_spend IS NULL"#;
 
 /// The 3-predicate filter as a scan of Arrow columns with arrow's compute kernels.
 fn arrow_scan_3(columns: &[(ArrayRef, ArrayRef, ArrayRef)]) -> usize {
@@ -129,6 +147,10 @@ fn bench_counts(c: &mut Criterion, state: &DatasetState, rows: u64, label: &str)
         ("1_predicate", ONE),
         ("3_predicates", THREE),
         ("10_predicates", TEN),
+        ("range_float_in_any", RANGE_FLOAT_IN_ANY),
+        ("range_time_in_any", RANGE_TIME_IN_ANY),
+        ("not_in_flag_time", NOT_IN_FLAG_TIME),
+        ("or_nulls", OR_NULLS),
     ] {
         let audience = parse(text);
         println!(

@@ -57,11 +57,27 @@ impl Plan {
         }
     }
 
-    /// A cheap lower bound, used under NOT (0 when unknown).
+    /// A cheap lower bound, used under NOT (0 when unknown); exact for the disjoint values of
+    /// one attribute.
     fn lower_estimate(&self) -> u64 {
         match self {
+            Plan::AnyOf {
+                sets,
+                disjoint: true,
+            } => sets.iter().map(|s| s.len()).sum(),
             Plan::AnyOf { sets, .. } => sets.iter().map(|s| s.len()).max().unwrap_or(0),
             _ => 0,
+        }
+    }
+
+    /// Whether evaluating reads column values user by user (a range straddling buckets), whose
+    /// cost grows with the scope where a bitmap operand's does not: such operands go after the
+    /// bitmap ones, into the smallest scope, and the last one is counted without building a set.
+    fn reads_rows(&self) -> bool {
+        match self {
+            Plan::Range(leaf) => leaf.reads_rows(),
+            Plan::Not(inner) => inner.reads_rows(),
+            _ => false,
         }
     }
 
@@ -119,12 +135,14 @@ impl Plan {
                 None => sets[0].len(),
                 Some(within) => sets[0].intersection_len(within),
             },
+            Plan::AnyOf { sets, .. } => match scope.restriction() {
+                None => union_all(sets.iter().map(|s| &**s)).len(),
+                Some(within) => within.len() - outside_all(sets, within).len(),
+            },
             Plan::Range(leaf) => leaf.count(scope.restriction()),
             Plan::Not(inner) => scope.users().len() - inner.count(scope),
             Plan::And(children) => count_and(children, scope),
-            Plan::AnyOf { .. } | Plan::AllOf(_) | Plan::Or(_) | Plan::Did(_) => {
-                self.select(scope).len()
-            }
+            Plan::AllOf(_) | Plan::Or(_) | Plan::Did(_) => self.select(scope).len(),
         }
     }
 }
@@ -132,28 +150,38 @@ impl Plan {
 fn select_any(sets: &[std::sync::Arc<Bitmap>], scope: Scope<'_>) -> Bitmap {
     match scope.restriction() {
         None => union_all(sets.iter().map(|s| &**s)),
-        Some(within) => {
-            let total: u64 = sets.iter().map(|s| s.len()).sum();
-            if within.len() < total {
-                // Intersecting each set with a small scope touches only the scope's containers.
-                let parts: Vec<Bitmap> = sets.iter().map(|s| &**s & within).collect();
-                union_all(&parts)
-            } else {
-                union_all(sets.iter().map(|s| &**s)) & within
-            }
-        }
+        Some(within) => within - &outside_all(sets, within),
     }
 }
 
+/// The users of `within` in none of `sets`, by subtracting each set from a copy of the scope:
+/// each step touches only the scope's containers, in place, and shrinks what the next one
+/// touches, where a union would pass over every container of every set and intersections
+/// would build a set per operand.
+fn outside_all(sets: &[std::sync::Arc<Bitmap>], within: &Bitmap) -> Bitmap {
+    let mut largest_first: Vec<&Bitmap> = sets.iter().map(|s| &**s).collect();
+    largest_first.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut outside = within.clone();
+    for set in largest_first {
+        if outside.is_empty() {
+            break;
+        }
+        outside -= set;
+    }
+    outside
+}
+
 /// AND operands cheapest first: plain sets by n-ary intersection, then the rest, each within
-/// what is left.
+/// what is left, operands that read rows last.
 fn ordered(children: &[Plan], scope_len: u64) -> Vec<&Plan> {
-    let mut order: Vec<(u64, &Plan)> = children
+    let mut order: Vec<(bool, u64, &Plan)> = children
         .iter()
-        .map(|c| (c.estimate(scope_len), c))
+        .map(|c| (c.reads_rows(), c.estimate(scope_len), c))
         .collect();
-    order.sort_by_key(|(estimate, plan)| (*estimate, matches!(plan, Plan::Not(_))));
-    order.into_iter().map(|(_, plan)| plan).collect()
+    order.sort_by_key(|(reads_rows, estimate, plan)| {
+        (*reads_rows, *estimate, matches!(plan, Plan::Not(_)))
+    });
+    order.into_iter().map(|(_, _, plan)| plan).collect()
 }
 
 fn select_and(children: &[Plan], scope: Scope<'_>) -> Bitmap {

@@ -104,6 +104,11 @@ impl RangeLeaf {
         self.with_column(|c, r| c.count(r, within), |c, r| c.count(r, within), 0)
     }
 
+    /// Whether answering reads the column for the users of a straddled bucket.
+    pub fn reads_rows(&self) -> bool {
+        self.with_column(|c, r| c.reads_rows(r), |c, r| c.reads_rows(r), false)
+    }
+
     /// An upper bound of the matches.
     pub fn estimate(&self) -> u64 {
         self.with_column(|c, r| c.estimate(r), |c, r| c.estimate(r), 0)

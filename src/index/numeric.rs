@@ -200,7 +200,8 @@ impl<T: NumericValue> NumericColumn<T> {
 
     /// Every `(user, value)`, by user.
     pub fn rows(&self) -> impl Iterator<Item = (DenseId, T)> + '_ {
-        self.present.iter().map(|id| (id, self.values.get(id)))
+        let mut values = self.values.reader();
+        self.present.iter().map(move |id| (id, values.get(id)))
     }
 
     /// A column holding `rows` (each user at most once), its index built once.
@@ -312,7 +313,7 @@ impl<T: NumericValue> NumericColumn<T> {
         let (inside, edges) = self.classify(range);
         if let Some(universe) = within {
             if self.prefers_scan(&inside, &edges, universe) {
-                return self.filter((universe & &*self.present).iter(), range);
+                return self.filter(universe & &*self.present, range);
             }
         }
         let mut selected = match self.cumulative_span(&inside) {
@@ -323,7 +324,7 @@ impl<T: NumericValue> NumericColumn<T> {
             None => union_all(inside.iter().map(|(_, b)| &**b)),
         };
         for edge in &edges {
-            selected |= self.filter(edge.iter(), range);
+            selected |= self.filter((**edge).clone(), range);
         }
         match within {
             Some(universe) => selected & universe,
@@ -340,7 +341,7 @@ impl<T: NumericValue> NumericColumn<T> {
         let (inside, edges) = self.classify(range);
         if let Some(universe) = within {
             if self.prefers_scan(&inside, &edges, universe) {
-                return self.filter((universe & &*self.present).iter(), range).len();
+                return self.count_in(&(universe & &*self.present), range);
             }
         }
         let count_in = |set: &Bitmap| match within {
@@ -354,11 +355,19 @@ impl<T: NumericValue> NumericColumn<T> {
         let edge: u64 = edges
             .iter()
             .map(|members| match within {
-                Some(universe) => self.filter((&**members & universe).iter(), range).len(),
-                None => self.filter(members.iter(), range).len(),
+                Some(universe) => self.count_in(&(&**members & universe), range),
+                None => self.count_in(members, range),
             })
             .sum();
         whole + edge
+    }
+
+    /// Whether `range` straddles a bucket, so that answering it reads the column for some
+    /// users: otherwise it costs what a bitmap operand costs.
+    pub fn reads_rows(&self, range: &ValueRange<T>) -> bool {
+        self.buckets
+            .iter()
+            .any(|bucket| matches!(bucket.overlap(range), Overlap::Edge))
     }
 
     /// An upper bound of the users a range selects, for ordering operands.
@@ -374,7 +383,7 @@ impl<T: NumericValue> NumericColumn<T> {
 
     /// Number of distinct values among the users that have one (reads the column).
     pub fn distinct_values(&self) -> u64 {
-        let mut values: Vec<T> = self.present.iter().map(|id| self.values.get(id)).collect();
+        let mut values: Vec<T> = self.rows().map(|(_, value)| value).collect();
         values.sort_unstable_by(T::order);
         values.dedup_by(|a, b| a.order(b).is_eq());
         values.len() as u64
@@ -496,10 +505,31 @@ impl<T: NumericValue> NumericColumn<T> {
         Some((upto, below))
     }
 
-    /// The ids (all with a value) whose value lies in `range`.
-    fn filter(&self, ids: impl Iterator<Item = DenseId>, range: &ValueRange<T>) -> Bitmap {
-        Bitmap::from_sorted_iter(ids.filter(|&id| range.contains(self.values.get(id))))
-            .unwrap_or_default()
+    /// The users of `ids` (all with a value) whose value lies in `range`, filtered in place
+    /// container by container (building a new set id by id costs more than the reads).
+    fn filter(&self, mut ids: Bitmap, range: &ValueRange<T>) -> Bitmap {
+        let mut values = self.values.reader();
+        ids.retain(|id| range.contains(values.get(id)));
+        ids
+    }
+
+    /// How many of `ids` (all with a value) have a value in `range`, decoded a block at a time
+    /// (a bitmap iterator's per-id step costs more than the read it feeds).
+    fn count_in(&self, ids: &Bitmap, range: &ValueRange<T>) -> u64 {
+        let mut values = self.values.reader();
+        let mut block = [0; 1024];
+        let mut iter = ids.iter();
+        let mut count = 0;
+        loop {
+            let decoded = iter.next_many(&mut block);
+            if decoded.is_empty() {
+                return count;
+            }
+            count += decoded
+                .iter()
+                .map(|&id| u64::from(range.contains(values.get(id))))
+                .sum::<u64>();
+        }
     }
 
     fn bucket_of(&self, value: T) -> usize {
@@ -513,8 +543,9 @@ impl<T: NumericValue> NumericColumn<T> {
         let bounds = self.sample_bounds();
         let mut members: Vec<Vec<DenseId>> = vec![Vec::new(); bounds.len()];
         let mut buckets: Vec<Bucket<T>> = bounds.iter().map(|&b| Bucket::empty(b)).collect();
+        let mut values = self.values.reader();
         for id in self.present.iter() {
-            let value = self.values.get(id);
+            let value = values.get(id);
             let index = bounds
                 .partition_point(|b| b.order(&value).is_le())
                 .saturating_sub(1);

@@ -484,43 +484,86 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// Enough users that numeric indexes cut real buckets, then move users across them.
+    /// Enough users that numeric indexes cut real buckets, then move users across them; ranges
+    /// are also queried inside scopes narrowed by set and categorical operands (and their
+    /// negations), so that scans, whole buckets and the order of operands all answer.
     #[test]
     fn ranges_over_rebucketed_columns_match_the_model(
-        ages in proptest::collection::vec(proptest::option::weighted(0.9, -50i64..5_000), 3_000),
+        users in proptest::collection::vec(
+            (proptest::option::weighted(0.9, -50i64..5_000), 0u8..16, 0usize..COUNTRIES.len()),
+            3_000,
+        ),
         moves in proptest::collection::vec((0usize..3_000, proptest::option::of(-50i64..5_000)), 0..200),
         queries in proptest::collection::vec(
-            (op(), -60i64..5_100, -60i64..5_100, proptest::sample::select(vec![0.0, 0.5])), 8),
+            (op(), -60i64..5_100, -60i64..5_100, proptest::sample::select(vec![0.0, 0.5]), 1u8..16),
+            8),
     ) {
         let mut state = new_state();
         let mut model = Model::default();
-        let update = |i: usize, age: Option<i64>| UserUpdate {
-            user_id: format!("u{i}"),
-            changes: vec![AttributeChange {
-                attribute: "age".into(),
-                op: age.map_or(ChangeOp::Clear, |a| ChangeOp::Set(AttributeValue::Int(a))),
-            }],
+        let age = |age: Option<i64>| AttributeChange {
+            attribute: "age".into(),
+            op: age.map_or(ChangeOp::Clear, |a| ChangeOp::Set(AttributeValue::Int(a))),
         };
-        for chunk in ages.chunks(1_000).enumerate() {
+        for chunk in users.chunks(1_000).enumerate() {
             let updates: Vec<UserUpdate> = chunk.1.iter().enumerate()
-                .map(|(j, age)| update(chunk.0 * 1_000 + j, *age)).collect();
+                .map(|(j, &(years, tags, country))| UserUpdate {
+                    user_id: format!("u{}", chunk.0 * 1_000 + j),
+                    changes: vec![
+                        age(years),
+                        AttributeChange {
+                            attribute: "tags".into(),
+                            op: ChangeOp::Set(AttributeValue::Set(tag_subset(tags))),
+                        },
+                        AttributeChange {
+                            attribute: "country".into(),
+                            op: ChangeOp::Set(AttributeValue::String(COUNTRIES[country].into())),
+                        },
+                    ],
+                })
+                .collect();
             apply(&mut state, &mut model, &Write::Upsert(updates));
         }
-        let moved: Vec<UserUpdate> = moves.iter().map(|(i, age)| update(*i, *age)).collect();
+        let moved: Vec<UserUpdate> = moves.iter()
+            .map(|(i, years)| UserUpdate { user_id: format!("u{i}"), changes: vec![age(*years)] })
+            .collect();
         apply(&mut state, &mut model, &Write::Upsert(moved));
-        for (op, a, b, frac) in queries {
+        for (op, a, b, frac, tags) in queries {
             let low = a.min(b) as f64 + frac;
+            let compare = |op, value| Expr::Predicate(Predicate::Compare {
+                attribute: "age".into(),
+                op,
+                value: Value::Literal(Literal::Int(value)),
+            });
+            let between = Expr::Predicate(Predicate::Between {
+                attribute: "age".into(),
+                low: Value::Literal(Literal::Float(low)),
+                high: Value::Literal(Literal::Int(a.max(b))),
+            });
+            let tag_literals: Vec<Literal> =
+                tag_subset(tags).into_iter().map(Literal::String).collect();
+            let any_tag = Expr::Predicate(Predicate::HasAny {
+                attribute: "tags".into(),
+                values: tag_literals.clone(),
+            });
+            let countries = Expr::Predicate(Predicate::In {
+                attribute: "country".into(),
+                values: tag_literals.iter().take(1)
+                    .map(|_| Literal::String(COUNTRIES[tags as usize % COUNTRIES.len()].into()))
+                    .chain([Literal::String("US".into())])
+                    .collect(),
+                negated: false,
+            });
             let exprs = [
-                Expr::Predicate(Predicate::Compare { attribute: "age".into(), op, value: Value::Literal(Literal::Int(a)) }),
-                Expr::Predicate(Predicate::Between {
-                    attribute: "age".into(),
-                    low: Value::Literal(Literal::Float(low)),
-                    high: Value::Literal(Literal::Int(a.max(b))),
-                }),
+                compare(op, a),
+                between.clone(),
                 Expr::And(vec![
-                    Expr::Predicate(Predicate::Compare { attribute: "age".into(), op: CompareOp::Ge, value: Value::Literal(Literal::Int(a.min(b))) }),
-                    Expr::Not(Box::new(Expr::Predicate(Predicate::Compare { attribute: "age".into(), op: CompareOp::Gt, value: Value::Literal(Literal::Int(a.max(b))) }))),
+                    compare(CompareOp::Ge, a.min(b)),
+                    Expr::Not(Box::new(compare(CompareOp::Gt, a.max(b)))),
                 ]),
+                Expr::And(vec![between.clone(), any_tag.clone(), countries.clone()]),
+                Expr::And(vec![compare(op, a), Expr::Not(Box::new(countries.clone())), any_tag.clone()]),
+                Expr::And(vec![Expr::Not(Box::new(any_tag.clone())), between, compare(op, b)]),
+                Expr::Or(vec![Expr::And(vec![any_tag, compare(op, b)]), countries]),
             ];
             for expr in &exprs {
                 prop_assert_eq!(&engine_select(&state, expr), &model.select(expr, AS_OF), "{}", expr);
@@ -528,6 +571,15 @@ proptest! {
             }
         }
     }
+}
+
+/// The tags whose bits are set in `mask`.
+fn tag_subset(mask: u8) -> Vec<String> {
+    TAGS.iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, t)| (*t).to_owned())
+        .collect()
 }
 
 /// A value most users hold (as `0` in a spend column), a few common ones and a long tail.
