@@ -5,6 +5,8 @@
 //!   Arrow columns with arrow's compute kernels (`count/arrow_scan_3`).
 //! - `export`: members of a 50% segment mapped to external ids.
 //! - `segments_for_user/1000`: all saved segments containing one user, over 1,000 segments.
+//! - `membership`: 10,000 more, mostly small segments: the membership index's memory (printed)
+//!   and segments-for-user over all 11,000.
 //! - `import/parquet`: a 1,000,000-row Parquet file into an empty dataset.
 //! - resident bytes per user: printed once (RSS growth while loading / users).
 
@@ -135,6 +137,9 @@ fn benches(c: &mut Criterion) {
     if wanted("segments_for_user") {
         bench_segments_for_user(c, &mut state, rows, &label);
     }
+    if wanted("membership") {
+        bench_many_small_segments(c, &mut state, rows, &label);
+    }
     drop(state);
     if wanted("import") {
         bench_import(c, rows);
@@ -223,6 +228,62 @@ fn bench_segments_for_user(c: &mut Criterion, state: &mut DatasetState, rows: u6
             black_box(state.segments_for_user(&ids[next]).len())
         })
     });
+    group.finish();
+}
+
+/// 10,000 saved segments (the default limit), mostly small as real segment lists are: 90% a
+/// city with an interest, 9% a city, 1% a region with a device. Prints the membership index's
+/// heap bytes, the segments' own member sets, and the resident growth, then times
+/// segments-for-user over all of them.
+fn bench_many_small_segments(c: &mut Criterion, state: &mut DatasetState, rows: u64, label: &str) {
+    let mut rng = SplitMix64::new(7);
+    let existing = state.segments().len();
+    let before = resident_bytes();
+    let started = Instant::now();
+    for i in 0..10_000 {
+        let (country, _) = audience::demo::COUNTRIES[rng.below(20) as usize];
+        let region = format!("{country}-R{}", rng.below(5));
+        let city = format!("{region}-C{}", rng.below(40));
+        let interest = audience::demo::INTERESTS[rng.below(30) as usize];
+        let text = match i % 100 {
+            0 => format!(r#"region = "{region}" AND device = "ios""#),
+            1..=9 => format!(r#"city = "{city}""#),
+            _ => format!(r#"city = "{city}" AND interests HAS "{interest}""#),
+        };
+        let definition = common::segment(format!("small-{i}"), &text, AS_OF);
+        state
+            .apply(&Change::CreateSegment(definition), AS_OF)
+            .expect("segment");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let grown = resident_bytes().saturating_sub(before);
+    let members: u64 = state.segments().values().map(|s| s.members().len()).sum();
+    let own: usize = state
+        .segments()
+        .values()
+        .map(|s| s.members().serialized_size())
+        .sum();
+    println!(
+        "10,000 more segments (on {existing}) created in {seconds:.1} s; memberships {members}; \
+         membership index {} MB; segments' own member sets {} MB; resident growth {} MB",
+        state.membership_heap_bytes() / 1_000_000,
+        own / 1_000_000,
+        grown / 1_000_000,
+    );
+    let mut group = c.benchmark_group("segments_for_user");
+    let ids: Vec<String> = (0..1_024)
+        .map(|_| audience::demo::user_id(rng.below(rows)))
+        .collect();
+    let mut next = 0usize;
+    group.bench_function(
+        BenchmarkId::new(format!("{}_segments", state.segments().len()), label),
+        |b| {
+            b.iter(|| {
+                next = (next + 1) % ids.len();
+                black_box(state.segments_for_user(&ids[next]).len())
+            })
+        },
+    );
     group.finish();
 }
 

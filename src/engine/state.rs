@@ -178,6 +178,12 @@ impl DatasetState {
         &self.attributes
     }
 
+    /// Heap bytes of the index of which segments each user is in (beyond the segments' own
+    /// member sets), for memory reports.
+    pub fn membership_heap_bytes(&self) -> usize {
+        self.membership.heap_bytes()
+    }
+
     /// Saved segments by id.
     pub fn segments(&self) -> &BTreeMap<String, Arc<Segment>> {
         &self.segments
