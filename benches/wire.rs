@@ -71,6 +71,7 @@ async fn start(users: u64, segments: usize) -> Server {
         max_message_bytes: 64 * 1024 * 1024,
         import_dir: None,
         time_refresh: Duration::from_secs(60),
+        security: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(

@@ -58,9 +58,22 @@ pub struct Config {
     /// write as a production dataset's are.
     pub demo_segments: u64,
     pub log_format: LogFormat,
-    /// The only directory `ImportUsersFile` may read from; unset, any file the server can read
-    /// (set it wherever callers are not trusted with the server's file system).
+    /// The only directory server-side imports (`ImportUsersFile`, `ImportEventsFile`) read
+    /// from; unset, they are refused (callers stream their files instead).
     pub import_dir: Option<PathBuf>,
+    /// The server's certificate chain (PEM); with `tls_key`, every connection is TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): clients must present a certificate one of them signed (mutual
+    /// TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// The token file: every call but health needs one of its tokens, with the scope and
+    /// dataset it asks for.
+    pub auth_file: Option<PathBuf>,
+    /// Serve a non-loopback address without `auth_file`, e.g. behind a network policy that
+    /// already keeps callers out. Without it such a start is refused.
+    pub allow_unauthenticated: bool,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// Seconds between re-evaluations of segments whose windows move with time (and drops of
@@ -88,6 +101,11 @@ impl Default for Config {
             demo_segments: 0,
             log_format: LogFormat::Text,
             import_dir: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_file: None,
+            allow_unauthenticated: false,
             max_message_bytes: 64 * 1024 * 1024,
             segment_refresh_secs: 60,
             limits: Limits::default(),
@@ -135,6 +153,7 @@ impl Config {
     /// # Errors
     /// The first unusable value, named.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_security()?;
         let limits = &self.limits;
         let checks = [
             (
@@ -217,6 +236,51 @@ impl Config {
             Some((_, message)) => Err(ConfigError::Invalid((*message).to_owned())),
             None => Ok(()),
         }
+    }
+
+    /// TLS settings that go together, the protected mode, and the import directory.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), None) => {
+                return invalid(format!(
+                    "tls_cert ({}) is set without tls_key, its private key",
+                    cert.display()
+                ))
+            }
+            (None, Some(key)) => {
+                return invalid(format!(
+                    "tls_key ({}) is set without tls_cert, the certificate it belongs to",
+                    key.display()
+                ))
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return invalid(
+                "tls_client_ca needs tls_cert and tls_key: mutual TLS runs over TLS".into(),
+            );
+        }
+        if !self.listen.ip().is_loopback()
+            && self.auth_file.is_none()
+            && !self.allow_unauthenticated
+        {
+            return invalid(format!(
+                "refusing to serve {} without auth_file: anyone who reaches that address could \
+                 read, change and delete every dataset. Set auth_file (--auth-file), listen on \
+                 a loopback address, or set allow_unauthenticated (--allow-unauthenticated) if \
+                 something else keeps callers out",
+                self.listen
+            ));
+        }
+        if let Some(dir) = &self.import_dir {
+            match std::fs::metadata(dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return invalid(format!("import_dir {}: not a directory", dir.display())),
+                Err(e) => return invalid(format!("import_dir {}: {e}", dir.display())),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -4,15 +4,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-
+use super::connect::{ConnectArgs, Connection};
 use super::{Command, ImportKind, SegmentCommand};
 use crate::engine::import::{open_file, DEFAULT_ID_COLUMN};
 use crate::grpc::pb;
 use crate::time::parse_rfc3339;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Bytes per import message: the IPC stream is cut into pieces of this size.
 const IMPORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -66,18 +65,11 @@ type Result<T> = std::result::Result<T, ClientError>;
 ///
 /// # Errors
 /// Connection failures, refused requests and bad arguments.
-pub async fn run(addr: &str, json: bool, command: Command) -> Result<()> {
-    let channel = Channel::from_shared(addr.to_owned())
-        .map_err(|e| ClientError::Input(format!("--addr {addr}: {e}")))?
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
+pub async fn run(addr: &str, connect: &ConnectArgs, json: bool, command: Command) -> Result<()> {
+    let channel = connect.connect(addr).await?;
     let out = &mut std::io::stdout().lock();
     match command {
-        Command::Serve(_) | Command::Bench(_) => Ok(()),
+        Command::Serve(_) | Command::Bench(_) | Command::Token(_) => Ok(()),
         Command::Import {
             kind,
             file,
@@ -147,7 +139,7 @@ pub async fn run(addr: &str, json: bool, command: Command) -> Result<()> {
 
 /// Asks for a snapshot, showing a bar of datasets written, and prints where it went.
 async fn snapshot(
-    channel: Channel,
+    channel: Connection,
     out: &mut impl Write,
     dataset: Option<String>,
     json: bool,
@@ -309,7 +301,7 @@ fn print_schema(
 }
 
 async fn members(
-    channel: Channel,
+    channel: Connection,
     out: &mut impl Write,
     expr: String,
     limit: Option<u64>,
@@ -401,7 +393,7 @@ fn print_segment(out: &mut impl Write, segment: &pb::Segment, json: bool) -> Res
 }
 
 async fn segment(
-    channel: Channel,
+    channel: Connection,
     out: &mut impl Write,
     command: SegmentCommand,
     json: bool,
@@ -502,7 +494,7 @@ async fn segment(
 /// Prints membership changes until the stream ends; when the server cuts the stream off
 /// because this reader fell behind, reconnects with the last token it received.
 async fn watch(
-    channel: Channel,
+    channel: Connection,
     out: &mut impl Write,
     segment_ids: Vec<String>,
     dataset: String,
@@ -574,7 +566,7 @@ fn print_changes(out: &mut impl Write, message: &pb::WatchResponse, json: bool) 
 /// Streams a file to the server as Arrow IPC (or asks the server to read it), with a progress
 /// bar, and prints what the import did.
 async fn import(
-    channel: Channel,
+    channel: Connection,
     kind: ImportKind,
     file: &Path,
     dataset: String,

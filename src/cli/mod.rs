@@ -3,7 +3,9 @@
 
 mod bench;
 mod client;
+mod connect;
 mod serve;
+mod token;
 
 use std::path::PathBuf;
 
@@ -26,6 +28,8 @@ pub struct Cli {
     /// Print JSON instead of plain lines.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub connect: connect::ConnectArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,6 +111,9 @@ pub enum Command {
     /// (default 10s) or --requests; --json prints one object.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Make a bearer token for the server's token file (--auth-file), or hash one.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Write a snapshot of the server's data now (showing progress) and free the log it
     /// covers; the server must run with --data-dir or --redis-url.
     Snapshot {
@@ -181,8 +188,11 @@ pub enum SegmentCommand {
 /// Whatever stopped the command, to be printed by `main`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await.map_err(ClientError::Serve),
-        Command::Bench(command) => bench::run(&cli.addr, cli.json, command).await,
-        command => client::run(&cli.addr, cli.json, command).await,
+        Command::Serve(args) => serve::run(args, cli.connect)
+            .await
+            .map_err(ClientError::Serve),
+        Command::Bench(command) => bench::run(&cli.addr, &cli.connect, cli.json, command).await,
+        Command::Token(command) => token::run(command, cli.json),
+        command => client::run(&cli.addr, &cli.connect, cli.json, command).await,
     }
 }

@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use super::connect::ConnectArgs;
 use crate::config::{Config, LogFormat};
 use crate::engine::{
     DurableOptions, Engine, ImportBatch, SegmentDefinition, SharedOptions, DEFAULT_DATASET,
 };
-use crate::grpc::{serve, Services};
+use crate::grpc::tls::TlsFiles;
+use crate::grpc::{serve, Security, SecurityError, Services};
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
 
@@ -61,9 +63,20 @@ pub struct ServeArgs {
     /// Create N generated saved segments over the demo data at start (needs `--demo-users`).
     #[arg(long, env = "AUDIENCE_DEMO_SEGMENTS")]
     demo_segments: Option<u64>,
-    /// The only directory server-side imports may read from.
+    /// The only directory server-side imports may read from (unset: they are refused).
     #[arg(long, env = "AUDIENCE_IMPORT_DIR")]
     import_dir: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the clients' certificates: mutual TLS (needs
+    /// --tls-cert and --tls-key, the server's own).
+    #[arg(long, env = "AUDIENCE_TLS_CLIENT_CA", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// The token file (TOML of token hashes with scopes and dataset patterns); every call
+    /// but health then needs `authorization: Bearer <token>`.
+    #[arg(long, env = "AUDIENCE_AUTH_FILE", value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+    /// Serve a non-loopback address without --auth-file (refused otherwise).
+    #[arg(long, env = "AUDIENCE_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
     /// Log format.
     #[arg(long, env = "AUDIENCE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -85,10 +98,26 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Server(#[from] crate::grpc::ServeError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error("{0} is for client commands, not serve{1}")]
+    ClientFlag(&'static str, &'static str),
 }
 
 impl ServeArgs {
-    fn config(&self) -> Result<Config, crate::config::ConfigError> {
+    fn config(&self, connect: &ConnectArgs) -> Result<Config, ServeError> {
+        if connect.tls_ca.is_some() {
+            return Err(ServeError::ClientFlag(
+                "--tls-ca",
+                ": the server trusts client certificates from --tls-client-ca",
+            ));
+        }
+        if connect.token.is_some() {
+            return Err(ServeError::ClientFlag(
+                "--token (AUDIENCE_TOKEN)",
+                ": the server's tokens are in --auth-file",
+            ));
+        }
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -138,9 +167,48 @@ impl ServeArgs {
         if let Some(secs) = self.segment_refresh_secs {
             config.segment_refresh_secs = secs;
         }
+        self.security_overrides(connect, &mut config);
         config.validate()?;
         Ok(config)
     }
+
+    fn security_overrides(&self, connect: &ConnectArgs, config: &mut Config) {
+        if let Some(path) = &connect.tls_cert {
+            config.tls_cert = Some(path.clone());
+        }
+        if let Some(path) = &connect.tls_key {
+            config.tls_key = Some(path.clone());
+        }
+        if let Some(path) = &self.tls_client_ca {
+            config.tls_client_ca = Some(path.clone());
+        }
+        if let Some(path) = &self.auth_file {
+            config.auth_file = Some(path.clone());
+        }
+        if self.allow_unauthenticated {
+            config.allow_unauthenticated = true;
+        }
+    }
+}
+
+/// The certificate and token files of `config`, loaded (and named when they cannot be).
+fn security(config: &Config) -> Result<Security, SecurityError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    let security = Security::load(tls, config.auth_file.clone())?;
+    if let Some(tokens) = &security.tokens {
+        let count = tokens.current().len();
+        tracing::info!(tokens = count, "calls need a token from the token file");
+    } else if config.allow_unauthenticated && !config.listen.ip().is_loopback() {
+        tracing::warn!("no auth_file: every caller that reaches the port may do everything");
+    }
+    Ok(security)
 }
 
 fn init_logging(format: LogFormat) {
@@ -160,9 +228,10 @@ fn init_logging(format: LogFormat) {
 ///
 /// # Errors
 /// A bad configuration, an address in use, or a transport failure.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
-    let config = args.config()?;
+pub async fn run(args: ServeArgs, connect: ConnectArgs) -> Result<(), ServeError> {
+    let config = args.config(&connect)?;
     init_logging(config.log_format);
+    let security = security(&config)?;
     if config.data_dir.is_none() && config.redis_url.is_none() {
         tracing::warn!("no data_dir: data is kept in memory only and lost when the server stops");
     }
@@ -172,7 +241,12 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             addr: config.listen,
             source,
         })?;
-    tracing::info!(addr = %config.listen, "listening");
+    tracing::info!(
+        addr = %config.listen,
+        tls = security.tls.is_some(),
+        mutual_tls = config.tls_client_ca.is_some(),
+        "listening"
+    );
     let engine = Arc::new(Engine::new(config.limits, Arc::new(SystemClock)));
     // Requests get `loading` until recovery and the demo load are done.
     engine.progress().begin(1);
@@ -181,6 +255,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         max_message_bytes: config.max_message_bytes,
         import_dir: config.import_dir.clone(),
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
+        security,
     };
     let durable = durable_options(&config, args.recover_truncate);
     let shared = shared_options(&config);

@@ -81,6 +81,15 @@ pub enum EngineError {
     UnsupportedColumn { column: String, data_type: String },
     #[error("import: {0}")]
     ImportIo(#[source] std::io::Error),
+    #[error(
+        "server-side imports are off: the server has no import_dir (stream the file instead: \
+         `audience import` without --server-side)"
+    )]
+    ImportsDisabled,
+    /// A server-side import path that is missing or not allowed; the reason is for the
+    /// server's log only, so that callers cannot tell the two apart.
+    #[error("no importable file at that path inside the server's import directory")]
+    ImportRefused(String),
     #[error("import: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("import: {0}")]

@@ -351,12 +351,21 @@ pub struct BatchSource {
 /// # Errors
 /// An unreadable file or an unknown extension.
 pub fn open_file(path: &Path, batch_rows: usize) -> Result<BatchSource> {
+    let file = File::open(path).map_err(EngineError::ImportIo)?;
+    read_file(file, path, batch_rows)
+}
+
+/// Reads an open `file` by the extension of `path`, the name it was opened by, as
+/// [`open_file`] does.
+///
+/// # Errors
+/// An unknown extension, or a file that is not of its format.
+pub fn read_file(file: File, path: &Path, batch_rows: usize) -> Result<BatchSource> {
     let extension = path
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let file = File::open(path).map_err(EngineError::ImportIo)?;
     match extension.as_str() {
         "parquet" | "pq" => {
             let builder =

@@ -10,7 +10,8 @@
 //! - [`state`]: one dataset version and how a change produces the next.
 //! - [`plan`], [`eval`]: binding an expression to a snapshot, evaluating it on bitmaps.
 //! - [`query`]: counts, breakdowns, samples, overlap, lookups, schema.
-//! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers.
+//! - [`import`]: Arrow record batches in, Parquet and Arrow IPC readers; [`import_dir`]: the
+//!   one directory server-side imports may open.
 //! - [`transaction`]: multi-batch imports, published and logged whole.
 //! - [`record`], [`snapshot`], [`durable`], [`recovery`]: writes as log records, versions as
 //!   snapshot files, logging before publishing, background snapshots, recovery.
@@ -32,6 +33,7 @@ pub mod event_import;
 pub mod events;
 pub mod feed;
 pub mod import;
+pub mod import_dir;
 pub mod ipc;
 mod limits;
 pub mod maintenance;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::pb;
 use super::status::to_status;
 use super::Services;
@@ -49,7 +50,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
+        match request.dataset.as_str() {
+            "" => caller.may_use_every_dataset()?,
+            name => caller.may_use(name)?,
+        }
         let only = match request.dataset.as_str() {
             "" => None,
             name => Some(

@@ -11,11 +11,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::auth::{authorize, Caller};
 use super::convert::user_updates;
 use super::pb;
 use super::status::{invalid, to_status};
-use super::Services;
-use crate::engine::import::{open_file, DEFAULT_ID_COLUMN};
+use super::{blocking, Services};
+use crate::engine::import::{read_file, BatchSource, DEFAULT_ID_COLUMN};
+use crate::engine::import_dir::ImportDir;
 use crate::engine::{Change, Engine, EngineError, Import, ImportBatch};
 
 /// Rows per batch when the server reads a file itself.
@@ -27,39 +29,15 @@ const PROGRESS_BUFFER: usize = 16;
 #[derive(Debug, Clone)]
 pub struct IngestApi {
     engine: Arc<Engine>,
-    /// Where server-side imports may read, when restricted.
-    import_dir: Option<PathBuf>,
+    /// Where server-side imports may read; unset, they are refused.
+    import_dir: Option<ImportDir>,
 }
 
 impl IngestApi {
     pub fn new(services: &Services) -> Self {
         Self {
             engine: services.engine.clone(),
-            import_dir: services.import_dir.clone(),
-        }
-    }
-}
-
-impl IngestApi {
-    /// Refuses a path outside the import directory (after resolving `..` and links).
-    fn check_import_path(&self, path: &str) -> Result<(), Status> {
-        let Some(dir) = &self.import_dir else {
-            return Ok(());
-        };
-        let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
-            (Ok(dir), Ok(path)) => path.starts_with(dir),
-            _ => false,
-        };
-        if inside {
-            Ok(())
-        } else {
-            tracing::info!(
-                path,
-                "server-side import outside the import directory refused"
-            );
-            Err(Status::permission_denied(
-                "path: server-side imports read only files inside the server's import directory",
-            ))
+            import_dir: services.import_dir.as_deref().map(ImportDir::new),
         }
     }
 }
@@ -247,17 +225,12 @@ fn saw_end_of_stream(decoder: &mut arrow_ipc::reader::StreamDecoder) -> bool {
     decoder.decode(&mut probe).is_err()
 }
 
-/// Imports a file the server reads itself.
+/// Imports a file the server reads itself, opened already.
 async fn import_file(
     engine: Arc<Engine>,
-    (dataset, path, kind): (String, String, ImportKind),
+    (dataset, source, kind): (String, BatchSource, ImportKind),
     progress: ProgressSender,
 ) -> Result<(), Status> {
-    let path = PathBuf::from(path);
-    let source = tokio::task::spawn_blocking(move || open_file(&path, FILE_BATCH_ROWS))
-        .await
-        .map_err(|e| to_status(EngineError::Internal(e.to_string()), ""))?
-        .map_err(|e| to_status(e, "path"))?;
     let total = source.total_rows.unwrap_or(0);
     let mut run = ImportRun::start(&engine, &dataset, kind, total, progress).await?;
     let mut batches = source.batches;
@@ -352,6 +325,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::UpsertUsersRequest>,
     ) -> Result<Response<pb::UpsertUsersResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let updates = user_updates(&request.users)?;
         let outcome = self
@@ -370,6 +344,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::DeleteUsersRequest>,
     ) -> Result<Response<pb::DeleteUsersResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         if let Some(index) = request.user_ids.iter().position(String::is_empty) {
             return Err(invalid(&format!("user_ids[{index}]"), "must not be empty"));
@@ -392,8 +367,10 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<Self::ImportUsersStream>, Status> {
+        let caller = Caller::of(&request)?;
         let (deadline, first, input) = first_message(request).await?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
+        caller.may_use(&first.dataset)?;
         let start = (
             first.dataset,
             ImportKind::users(&first.id_column),
@@ -412,10 +389,12 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::ImportUsersFileRequest>,
     ) -> Result<Response<Self::ImportUsersFileStream>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let deadline = deadline(&request);
         let request = request.into_inner();
         let kind = ImportKind::users(&request.id_column);
         self.file_import(deadline, (request.dataset, request.path, kind))
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, events = request.get_ref().events.len()))]
@@ -423,6 +402,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::RecordEventsRequest>,
     ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let outcome = self.record(request, None).await?;
         Ok(Response::new(outcome))
@@ -433,6 +413,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::RecordEventsRequest>>,
     ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let mut input = request.into_inner();
         let mut total = pb::RecordEventsResponse::default();
         let mut index = 0usize;
@@ -440,10 +421,12 @@ impl pb::ingest_service_server::IngestService for IngestApi {
             if index == 0 {
                 tracing::Span::current().record("dataset", message.dataset.as_str());
             }
-            let outcome = self
-                .record(message, Some(index))
-                .await
-                .map_err(|status| recorded_before(status, index, &total))?;
+            // Each message names its own dataset.
+            let outcome = match caller.may_use(&message.dataset) {
+                Ok(()) => self.record(message, Some(index)).await,
+                Err(status) => Err(status),
+            }
+            .map_err(|status| recorded_before(status, index, &total))?;
             total.recorded += outcome.recorded;
             total.expired += outcome.expired;
             total.users_created += outcome.users_created;
@@ -460,8 +443,10 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::ImportEventsRequest>>,
     ) -> Result<Response<Self::ImportEventsStream>, Status> {
+        let caller = Caller::of(&request)?;
         let (deadline, first, input) = first_message(request).await?;
         tracing::Span::current().record("dataset", first.dataset.as_str());
+        caller.may_use(&first.dataset)?;
         let engine = self.engine.clone();
         let start = (first.dataset, ImportKind::Events, first.arrow_ipc_chunk);
         Ok(Response::new(spawn_import(deadline, |progress| {
@@ -476,12 +461,14 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         &self,
         request: Request<pb::ImportEventsFileRequest>,
     ) -> Result<Response<Self::ImportEventsFileStream>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let deadline = deadline(&request);
         let request = request.into_inner();
         self.file_import(
             deadline,
             (request.dataset, request.path, ImportKind::Events),
         )
+        .await
     }
 }
 
@@ -513,19 +500,28 @@ async fn first_message<M>(
 }
 
 impl IngestApi {
-    /// Starts a server-side file import of `(dataset, path, kind)`.
-    fn file_import(
+    /// Starts a server-side file import of `(dataset, path, kind)`: the file is opened (once,
+    /// inside the import directory) before the progress stream starts.
+    async fn file_import(
         &self,
         deadline: Option<tokio::time::Instant>,
-        source: (String, String, ImportKind),
+        (dataset, path, kind): (String, String, ImportKind),
     ) -> Result<Response<ProgressStream>, Status> {
-        if source.1.is_empty() {
+        if path.is_empty() {
             return Err(invalid("path", "must not be empty"));
         }
-        self.check_import_path(&source.1)?;
+        let Some(dir) = self.import_dir.clone() else {
+            return Err(to_status(EngineError::ImportsDisabled, "path"));
+        };
+        let source = blocking(move || {
+            let name = PathBuf::from(path);
+            let file = dir.open(&name).map_err(|e| to_status(e, "path"))?;
+            read_file(file, &name, FILE_BATCH_ROWS).map_err(|e| to_status(e, "path"))
+        })
+        .await?;
         let engine = self.engine.clone();
         Ok(Response::new(spawn_import(deadline, |progress| {
-            import_file(engine, source, progress)
+            import_file(engine, (dataset, source, kind), progress)
         })))
     }
 

@@ -1,16 +1,20 @@
 //! The gRPC edge: generated types, the services, and one server builder that applies message
-//! limits to every service and serves health and reflection beside them.
+//! limits and authentication ([`auth`]) to every service, over plaintext or TLS ([`tls`]),
+//! and serves health and reflection beside them.
 //!
 //! Handlers stay thin: validate and convert the request, call the engine (CPU-heavy work on the
 //! blocking pool), convert the answer back. Errors become statuses only here ([`status`]).
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod ingest;
 pub mod query;
+pub mod reload;
 pub mod schema;
 pub mod segment;
 pub mod status;
+pub mod tls;
 pub mod watch;
 
 use std::future::Future;
@@ -22,6 +26,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 
 use crate::engine::Engine;
+use auth::{AuthLayer, TokenFile};
+use reload::{ReloadError, Reloading};
+use tls::{TlsError, TlsFiles, TlsIncoming};
 
 /// Generated protobuf and tonic code for `audience.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -54,10 +61,61 @@ pub struct Services {
     pub engine: Arc<Engine>,
     /// Largest message decoded or encoded.
     pub max_message_bytes: usize,
-    /// When set, `ImportUsersFile` reads only files inside this directory.
+    /// The only directory server-side imports (`ImportUsersFile`, `ImportEventsFile`) read
+    /// from; unset, they are refused.
     pub import_dir: Option<std::path::PathBuf>,
     /// How often segments with moving time windows are brought up to date.
     pub time_refresh: std::time::Duration,
+    /// TLS and tokens.
+    pub security: Security,
+}
+
+/// The server's TLS identity and its tokens, each re-read from its files while it runs.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Unset: plaintext.
+    pub tls: Option<Arc<Reloading<TlsFiles>>>,
+    /// Unset: every caller may do everything.
+    pub tokens: Option<Arc<Reloading<TokenFile>>>,
+    /// How often the files are looked at.
+    pub reload_every: std::time::Duration,
+}
+
+impl Default for Security {
+    /// Plaintext, no tokens.
+    fn default() -> Self {
+        Self {
+            tls: None,
+            tokens: None,
+            reload_every: reload::RELOAD_EVERY,
+        }
+    }
+}
+
+/// Why the certificate or token files cannot be used at start.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error(transparent)]
+    Tls(#[from] ReloadError<TlsError>),
+    #[error(transparent)]
+    Tokens(#[from] ReloadError<auth::tokens::TokenFileError>),
+}
+
+impl Security {
+    /// Loads the certificate files and the token file that are given.
+    ///
+    /// # Errors
+    /// A file that cannot be read or parsed, named.
+    pub fn load(
+        tls: Option<TlsFiles>,
+        auth_file: Option<std::path::PathBuf>,
+    ) -> Result<Self, SecurityError> {
+        Ok(Self {
+            tls: tls.map(Reloading::load).transpose()?,
+            tokens: auth_file.map(TokenFile).map(Reloading::load).transpose()?,
+            reload_every: reload::RELOAD_EVERY,
+        })
+    }
 }
 
 /// Why the server stopped with an error.
@@ -93,6 +151,9 @@ async fn set_all(
 }
 
 /// Serves every service on `listener` until `shutdown` completes.
+///
+/// With `services.security`, connections are TLS and calls need tokens; their files are
+/// re-read every `reload_every` while the server runs.
 ///
 /// Health starts NOT_SERVING; when `ready` completes (after any start-up load) it turns
 /// SERVING, or, when `ready` fails, the server stops with its error. On shutdown health turns
@@ -143,6 +204,20 @@ pub async fn serve(
     .max_encoding_message_size(limit);
 
     let ticker = tokio::spawn(advance_time(services.engine.clone(), services.time_refresh));
+    let security = services.security.clone();
+    let reloaders: Vec<_> = [
+        security
+            .tls
+            .as_ref()
+            .map(|tls| tls.watch(security.reload_every)),
+        security
+            .tokens
+            .as_ref()
+            .map(|t| t.watch(security.reload_every)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let ready_reporter = reporter.clone();
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
@@ -172,10 +247,11 @@ pub async fn serve(
         stopping.send_replace(true);
         tracing::info!("shutting down");
     };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             status::precise_transport_codes,
         ))
+        .layer(AuthLayer::new(security.tokens.clone()))
         .add_service(health)
         .add_service(reflection)
         .add_service(InterceptedService::new(query, gate.clone()))
@@ -183,15 +259,28 @@ pub async fn serve(
         .add_service(InterceptedService::new(ingest, gate.clone()))
         .add_service(InterceptedService::new(schema, gate.clone()))
         .add_service(InterceptedService::new(watch, gate.clone()))
-        .add_service(InterceptedService::new(admin, gate))
-        // Without TCP_NODELAY, the last frames of a response (a stream's trailers) wait for the
-        // client's delayed ACK: 40 ms added to every streaming call on Linux.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await;
+        .add_service(InterceptedService::new(admin, gate));
+    let served = match security.tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(TlsIncoming::new(listener, tls), shutdown)
+                .await
+        }
+        // Without TCP_NODELAY, the last frames of a response (a stream's trailers) wait for
+        // the client's delayed ACK: 40 ms added to every streaming call on Linux.
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    };
     ticker.abort();
+    for reloader in reloaders {
+        reloader.abort();
+    }
     served?;
     match failure.lock().ok().and_then(|mut f| f.take()) {
         Some(error) => Err(ServeError::Start(error)),

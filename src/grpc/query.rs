@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::auth::authorize;
 use super::convert::{as_of, audience};
 use super::pb;
 use super::status::{invalid, to_status};
@@ -63,6 +64,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::CountRequest>,
     ) -> Result<Response<pb::CountResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let engine = self.engine.clone();
         let audience = audience(&engine, request.audience.as_ref(), "audience")?;
@@ -106,6 +108,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let size = self.size(request.page_size, DEFAULT_PAGE, "page_size")?;
         let engine = self.engine.clone();
@@ -143,6 +146,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::ExportMembersRequest>,
     ) -> Result<Response<Self::ExportMembersStream>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let chunk = self.size(request.chunk_size, DEFAULT_CHUNK, "chunk_size")?;
         let engine = self.engine.clone();
@@ -193,6 +197,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::SampleMembersRequest>,
     ) -> Result<Response<pb::SampleMembersResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         if request.size == 0 {
             return Err(invalid("size", "must be positive"));
@@ -222,6 +227,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::OverlapRequest>,
     ) -> Result<Response<pb::OverlapResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let engine = self.engine.clone();
         let limit = engine.limits().max_overlap_audiences;
@@ -276,6 +282,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::SegmentsForUserRequest>,
     ) -> Result<Response<pb::SegmentsForUserResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         if request.user_id.is_empty() {
             return Err(invalid("user_id", "must not be empty"));
@@ -298,6 +305,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         &self,
         request: Request<pb::CheckMembershipRequest>,
     ) -> Result<Response<pb::CheckMembershipResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         if request.user_id.is_empty() {
             return Err(invalid("user_id", "must not be empty"));

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::{authorize, Caller};
 use super::convert::{kind_from, kind_to};
 use super::pb;
 use super::status::to_status;
@@ -31,6 +32,7 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
         &self,
         request: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DescribeDatasetResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let name = dataset_name(&request.dataset)
             .map_err(|e| to_status(e, "dataset"))?
@@ -73,6 +75,7 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
         &self,
         request: Request<pb::DeclareAttributesRequest>,
     ) -> Result<Response<pb::DeclareAttributesResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let declarations = request
             .attributes
@@ -97,6 +100,7 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
         &self,
         request: Request<pb::SetEventRetentionRequest>,
     ) -> Result<Response<pb::SetEventRetentionResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         if request.days == 0 {
             return Err(super::status::invalid("days", "must be at least 1"));
@@ -114,10 +118,12 @@ impl pb::schema_service_server::SchemaService for SchemaApi {
     #[tracing::instrument(skip_all)]
     async fn list_datasets(
         &self,
-        _request: Request<pb::ListDatasetsRequest>,
+        request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        // A token sees the datasets its patterns match, and only those.
+        let caller = Caller::of(&request)?;
         Ok(Response::new(pb::ListDatasetsResponse {
-            datasets: self.engine.dataset_names(),
+            datasets: caller.visible(self.engine.dataset_names()),
         }))
     }
 }

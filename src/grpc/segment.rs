@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::authorize;
 use super::convert::{expression, labels, segment_to_proto};
 use super::pb;
 use super::status::{invalid, to_status};
@@ -48,6 +49,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         &self,
         request: Request<pb::CreateSegmentRequest>,
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         required_id(&request.segment_id)?;
         let expression = expression(&self.engine, request.expression.as_ref(), "expression")?;
@@ -80,6 +82,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         &self,
         request: Request<pb::GetSegmentRequest>,
     ) -> Result<Response<pb::GetSegmentResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         required_id(&request.segment_id)?;
         let segment = self.current(&request.dataset, &request.segment_id)?;
@@ -93,6 +96,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         &self,
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let state = self
             .engine
@@ -117,6 +121,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         &self,
         request: Request<pb::UpdateSegmentRequest>,
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         required_id(&request.segment_id)?;
         let state = self
@@ -164,6 +169,7 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         &self,
         request: Request<pb::DeleteSegmentRequest>,
     ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         required_id(&request.segment_id)?;
         self.engine

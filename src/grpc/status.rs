@@ -41,7 +41,8 @@ pub fn code_of(error: &EngineError) -> Code {
         | EngineError::InvalidArgument { .. }
         | EngineError::InvalidResumeToken(_) => Code::InvalidArgument,
         EngineError::ImportIo(e) if e.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
-        EngineError::ImportIo(_) => Code::FailedPrecondition,
+        EngineError::ImportIo(_) | EngineError::ImportsDisabled => Code::FailedPrecondition,
+        EngineError::ImportRefused(_) => Code::NotFound,
         EngineError::ConcurrentCreate(_) => Code::Aborted,
         EngineError::Loading { .. } | EngineError::ReplicaBehind => Code::Unavailable,
         EngineError::Storage(error) => storage_code(error),
@@ -107,7 +108,12 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
         _ => format!("{field}: {error}"),
     };
     let message = bounded(message);
-    tracing::info!(code = ?code, error = %message, "request refused");
+    // What the caller must not see (why a path was refused) still reaches the log.
+    let detail = match &error {
+        EngineError::ImportRefused(reason) => Some(reason.as_str()),
+        _ => None,
+    };
+    tracing::info!(code = ?code, error = %message, detail, "request refused");
     Status::new(code, message)
 }
 

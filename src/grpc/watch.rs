@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::auth::authorize;
 use super::pb;
 use super::status::{shutting_down, to_status};
 use super::Services;
@@ -49,6 +50,7 @@ impl pb::watch_service_server::WatchService for WatchApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         let watcher = self
             .engine

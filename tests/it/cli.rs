@@ -41,6 +41,9 @@ async fn audience_cli(addr: &str, args: &[&str]) -> Run {
         .arg(addr)
         .args(args)
         .env_remove("AUDIENCE_ADDR")
+        .env_remove("AUDIENCE_TOKEN")
+        .env_remove("AUDIENCE_TLS_CERT")
+        .env_remove("AUDIENCE_TLS_KEY")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     let output = tokio::task::spawn_blocking(move || command.output())
@@ -328,7 +331,7 @@ fn write_demo_arrow(path: &std::path::Path, batches: &[RecordBatch]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_streams_parquet_and_arrow_files() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let batches: Vec<RecordBatch> = audience::demo::batches(2_500, 600, 11).collect();
     let rows = demo_rows(2_500, 11);
     let parquet_path = temp_path("demo.parquet");
@@ -477,7 +480,7 @@ fn write_events_parquet(path: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_events_streams_a_file_and_prints_a_summary() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let path = temp_path("events.parquet");
     write_events_parquet(&path);
     let file = path.to_str().unwrap();

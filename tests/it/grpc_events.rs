@@ -994,7 +994,7 @@ fn write_parquet(path: &std::path::Path, batches: &[RecordBatch]) {
 
 #[tokio::test]
 async fn import_events_file_reads_parquet_with_progress() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let rows = event_rows(2_000);
     let expired = rows
         .iter()
@@ -1027,7 +1027,7 @@ async fn import_events_file_reads_parquet_with_progress() {
 
 #[tokio::test]
 async fn import_events_refuses_bad_tables_by_name_and_applies_nothing() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let rows = event_rows(2_000);
     let good = events_batch(&rows);
     let outcome = import_events_ipc(

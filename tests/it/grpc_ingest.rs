@@ -938,7 +938,7 @@ fn count_where<T>(values: &[T], keep: impl Fn(&T) -> bool) -> u64 {
 
 #[tokio::test]
 async fn import_users_file_reads_every_parquet_column_type() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let t = typed_table(1_500);
     let path = temp_path("typed.parquet");
     write_parquet(&path, &t.batch, 400);
@@ -1104,7 +1104,7 @@ async fn import_users_file_reads_every_parquet_column_type() {
 
 #[tokio::test]
 async fn import_users_file_reads_arrow_ipc_files_and_streams() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let table = rows(0..900, 3);
     let batches: Vec<RecordBatch> = table.chunks(250).map(batch_of).collect();
 
@@ -1161,7 +1161,7 @@ async fn import_users_file_reads_arrow_ipc_files_and_streams() {
 
 #[tokio::test]
 async fn import_reads_a_custom_integer_id_column() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(ServerOptions::default().temp_imports()).await;
     let schema = Arc::new(Schema::new(vec![
         Field::new("customer", DataType::Int64, false),
         Field::new("plan", DataType::Utf8, true),
@@ -1484,35 +1484,81 @@ async fn an_ipc_stream_cut_at_a_message_boundary_is_refused_and_applies_nothing(
 }
 
 #[tokio::test]
-async fn server_side_imports_stay_inside_the_import_directory() {
+async fn server_side_imports_read_only_regular_files_inside_the_import_directory() {
     let dir = temp_path("import-dir");
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
     let table = rows(0..50, 0);
-    let inside = dir.join("users.arrow");
-    std::fs::write(&inside, ipc_stream_bytes(&[batch_of(&table)])).unwrap();
+    let bytes = ipc_stream_bytes(&[batch_of(&table)]);
+    let inside = dir.join("sub/users.arrow");
+    std::fs::write(&inside, &bytes).unwrap();
     let outside = dir.parent().unwrap().join("outside.arrow");
-    std::fs::write(&outside, ipc_stream_bytes(&[batch_of(&table)])).unwrap();
+    std::fs::write(&outside, &bytes).unwrap();
+    // A link inside that leads out, and one that stays in.
+    std::os::unix::fs::symlink(&outside, dir.join("escape.arrow")).unwrap();
+    std::os::unix::fs::symlink(&inside, dir.join("alias.arrow")).unwrap();
+
+    // Without an import directory, server-side imports are off.
+    let closed = TestServer::start().await;
+    let outcome = import_file(&closed, "", &inside, "").await;
+    assert_status(
+        outcome.error(),
+        Code::FailedPrecondition,
+        &["path", "import_dir"],
+    );
+    closed.shutdown().await;
+
     let server = TestServer::start_with(ServerOptions::default().import_dir(dir.clone())).await;
-    for path in [
+    let refused = [
         outside.display().to_string(),
-        format!(
-            "{}/../{}",
-            dir.display(),
-            outside.file_name().unwrap().to_string_lossy()
-        ),
+        format!("{}/../outside.arrow", dir.display()),
+        "../outside.arrow".to_owned(),
+        "escape.arrow".to_owned(),
+        "missing.arrow".to_owned(),
+        dir.join("missing.arrow").display().to_string(),
+        "sub".to_owned(),
         "/etc/hostname".to_owned(),
-    ] {
+    ];
+    let mut messages = BTreeSet::new();
+    for path in refused {
         let error = server
             .ingest()
             .import_users_file(pb::ImportUsersFileRequest {
+                dataset: "imported".into(),
                 path: path.clone(),
                 ..Default::default()
             })
             .await
             .unwrap_err();
-        assert_status(&error, tonic::Code::PermissionDenied, &["import directory"]);
+        assert_eq!(error.code(), Code::NotFound, "{path}: {error:?}");
+        messages.insert(error.message().to_owned());
     }
-    let outcome = import_file(&server, "", &inside, "").await;
-    assert_eq!(outcome.done().users_created, 50);
+    assert_eq!(
+        messages.len(),
+        1,
+        "missing and not allowed answer the same: {messages:?}"
+    );
+    assert!(
+        messages.iter().all(|m| m.contains("import directory")),
+        "{messages:?}"
+    );
+    // Nothing of a refused import landed.
+    let datasets = server
+        .schema()
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .datasets;
+    assert!(!datasets.contains(&"imported".to_owned()), "{datasets:?}");
+
+    for (dataset, path) in [
+        ("absolute", inside.display().to_string()),
+        ("relative", "sub/users.arrow".to_owned()),
+        ("linked", "alias.arrow".to_owned()),
+    ] {
+        let outcome = import_file(&server, dataset, std::path::Path::new(&path), "").await;
+        assert_eq!(outcome.done().users_created, 50, "{path}");
+    }
+    server.shutdown().await;
     std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
 }

@@ -98,6 +98,11 @@ impl ServerOptions {
         self
     }
 
+    /// Server-side imports read from the system temp dir, where [`temp_path`] puts files.
+    pub fn temp_imports(self) -> Self {
+        self.import_dir(std::env::temp_dir())
+    }
+
     pub fn time_refresh(mut self, period: std::time::Duration) -> Self {
         self.time_refresh = period;
         self
@@ -164,6 +169,7 @@ impl TestServer {
             max_message_bytes: options.max_message_bytes,
             import_dir: options.import_dir.clone(),
             time_refresh: options.time_refresh,
+            security: Default::default(),
         };
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -19,10 +19,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
-use tonic::transport::{Channel, Endpoint};
-
 use super::client::ClientError;
+use super::connect::{ConnectArgs, Connection};
+use clap::{Args, Subcommand};
 use driver::{LoadPlan, Progress, Shape};
 use workload::{Operation, Spec, UserSource, Workload};
 
@@ -331,9 +330,13 @@ fn plan(load: &LoadArgs) -> Result<(LoadPlan, usize), ClientError> {
 }
 
 /// `count` separate HTTP/2 connections to `addr`.
-async fn connect(addr: &str, count: usize) -> Result<Vec<Channel>, ClientError> {
-    let endpoint = Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| ClientError::Input(format!("--addr {addr}: {e}")))?
+async fn connect(
+    addr: &str,
+    args: &ConnectArgs,
+    count: usize,
+) -> Result<Vec<Connection>, ClientError> {
+    let endpoint = args
+        .endpoint(addr)?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let mut channels = Vec::with_capacity(count);
@@ -346,7 +349,7 @@ async fn connect(addr: &str, count: usize) -> Result<Vec<Channel>, ClientError> 
                 addr: addr.to_owned(),
                 source,
             })?;
-        channels.push(channel);
+        channels.push(args.with_token(channel)?);
     }
     Ok(channels)
 }
@@ -357,10 +360,15 @@ async fn connect(addr: &str, count: usize) -> Result<Vec<Channel>, ClientError> 
 /// Flags that make no sense together, connection failures, and setup calls the server
 /// refused (a bad expression, an unknown dataset or attribute). Requests that fail during
 /// the run are counted in the report, not returned.
-pub async fn run(addr: &str, json: bool, command: BenchCommand) -> Result<(), ClientError> {
+pub async fn run(
+    addr: &str,
+    args: &ConnectArgs,
+    json: bool,
+    command: BenchCommand,
+) -> Result<(), ClientError> {
     let (name, load, spec) = command.into_parts();
     let (plan, connections) = plan(&load)?;
-    let channels = connect(addr, connections).await?;
+    let channels = connect(addr, args, connections).await?;
     let workload = Arc::new(Workload::prepare(spec, channels).await?);
     let names = workload.operation_names();
     let progress = Arc::new(Progress::default());

@@ -9,10 +9,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tonic::transport::Channel;
-
 use super::driver::Outcome;
 use crate::cli::client::{text_audience, ClientError};
+use crate::cli::connect::Connection;
 use crate::grpc::convert::timestamp;
 use crate::grpc::pb;
 use crate::rng::SplitMix64;
@@ -160,7 +159,7 @@ pub struct Workload {
     batch: usize,
     seed: u64,
     /// One client connection each; request `n` goes to `channels[n % len]`.
-    channels: Vec<Channel>,
+    channels: Vec<Connection>,
 }
 
 impl Workload {
@@ -171,7 +170,7 @@ impl Workload {
     /// # Errors
     /// A refused setup call, an unreadable ids file, or a dataset without what the
     /// workload needs.
-    pub async fn prepare(spec: Spec, channels: Vec<Channel>) -> Result<Self> {
+    pub async fn prepare(spec: Spec, channels: Vec<Connection>) -> Result<Self> {
         let Some(channel) = channels.first().cloned() else {
             return Err(ClientError::Input("no connection to the server".into()));
         };
@@ -329,7 +328,7 @@ fn setup_error(what: &str, status: &tonic::Status) -> ClientError {
 
 /// A count of `expr`, with a breakdown by `by` when not empty (top [`KNOWN_VALUES`]).
 async fn count(
-    channel: &Channel,
+    channel: &Connection,
     dataset: &str,
     expr: &str,
     by: &str,
@@ -347,7 +346,7 @@ async fn count(
 }
 
 /// The ids requests pick from: the file's lines, or a random sample of the dataset.
-async fn user_ids(channel: &Channel, spec: &Spec) -> Result<Vec<String>> {
+async fn user_ids(channel: &Connection, spec: &Spec) -> Result<Vec<String>> {
     let ids = match &spec.users {
         UserSource::File(path) => {
             let text = std::fs::read_to_string(path)
@@ -395,7 +394,7 @@ async fn user_ids(channel: &Channel, spec: &Spec) -> Result<Vec<String>> {
 /// The attributes upserts change, each with values drawn like the dataset's own: its most
 /// frequent values for strings, the range of its most frequent values for numbers.
 async fn attributes(
-    channel: &Channel,
+    channel: &Connection,
     spec: &Spec,
     schema: &pb::DescribeDatasetResponse,
 ) -> Result<Vec<(String, ValueGen)>> {
