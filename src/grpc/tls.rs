@@ -235,3 +235,106 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::TlsConnector;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    /// A self-signed certificate for 127.0.0.1 written to `dir`, and its DER for the client.
+    fn self_signed(dir: &Path) -> (TlsFiles, CertificateDer<'static>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let files = TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        (files, cert.der().clone())
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_are_encrypted_and_skip_nagle() {
+        let dir = std::env::temp_dir().join(format!("audience-tls-{}", std::process::id()));
+        let (files, der) = self_signed(&dir);
+        let tls = Reloading::load(files).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = TlsIncoming::new(listener, tls);
+
+        let mut roots = RootCertStore::empty();
+        roots.add(der).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let (connected, accepted) = tokio::join!(connector.connect(name, tcp), incoming.next());
+        let connected = connected.unwrap();
+        assert_eq!(connected.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let accepted = accepted.unwrap().unwrap();
+        assert!(
+            accepted.get_ref().0.nodelay().unwrap(),
+            "TCP_NODELAY is set"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_that_make_no_identity_are_named() {
+        let dir = std::env::temp_dir().join(format!("audience-tls-bad-{}", std::process::id()));
+        let (files, _) = self_signed(&dir);
+        let other = dir.join("other");
+        let (other_files, _) = self_signed(&other);
+        let pem = |path: &Path| std::fs::read(path).unwrap();
+        let parse = |cert: Vec<u8>, key: Vec<u8>| {
+            files
+                .parse(&[cert, key])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mismatched = parse(pem(&files.cert), pem(&other_files.key));
+        assert!(
+            mismatched.contains("cert.pem") && mismatched.contains("key.pem"),
+            "{mismatched}"
+        );
+        let no_cert = parse(b"nothing".to_vec(), pem(&files.key));
+        assert!(
+            no_cert.contains("tls_cert") && no_cert.contains("cert.pem"),
+            "{no_cert}"
+        );
+        let no_key = parse(pem(&files.cert), pem(&files.cert));
+        assert!(
+            no_key.contains("tls_key") && no_key.contains("key.pem"),
+            "{no_key}"
+        );
+        let with_ca = TlsFiles {
+            client_ca: Some(dir.join("ca.pem")),
+            ..files.clone()
+        };
+        let bad_ca = with_ca
+            .parse(&[pem(&files.cert), pem(&files.key), b"no ca here".to_vec()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            bad_ca.contains("tls_client_ca") && bad_ca.contains("ca.pem"),
+            "{bad_ca}"
+        );
+        assert!(files.parse(&[pem(&files.cert), pem(&files.key)]).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

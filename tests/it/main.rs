@@ -18,3 +18,4 @@ mod process;
 mod properties;
 mod properties_events;
 mod replicas;
+mod security;

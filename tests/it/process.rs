@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use audience::grpc::pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -37,17 +37,43 @@ pub struct Process {
     remove_log: bool,
     /// `serve` arguments after `--listen`, for [`Process::restart`].
     args: Vec<String>,
+    /// Where it listens and how it is reached.
+    launch: Launch,
     channel: Channel,
+}
+
+/// How a server listens and how the tests reach it.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The address `--listen` binds (the tests connect to 127.0.0.1 whatever it is).
+    pub ip: &'static str,
+    /// Set: the server speaks TLS, and this is how the tests' own channel connects.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            ip: "127.0.0.1",
+            tls: None,
+        }
+    }
 }
 
 impl Process {
     /// Starts `audience serve --listen 127.0.0.1:<free port> <args>`, its log in a temporary file
     /// removed on drop.
     pub fn start(args: &[&str]) -> Self {
+        Self::launch(args, Launch::default())
+    }
+
+    /// Starts `audience serve --listen <launch.ip>:<free port> <args>`, its log in a temporary
+    /// file removed on drop.
+    pub fn launch(args: &[&str], launch: Launch) -> Self {
         let port = free_port();
         let log = crate::durability::temp_dir(&format!("serve-{port}")).with_extension("log");
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut process = Self::spawn(port, args, log);
+        let mut process = Self::spawn(port, args, log, launch);
         process.remove_log = true;
         process
     }
@@ -55,7 +81,7 @@ impl Process {
     /// Starts `audience serve --listen 127.0.0.1:<free port> <args>`, its log in `log` (created or
     /// truncated, and left in place on drop).
     pub fn start_logging_to(args: &[String], log: PathBuf) -> Self {
-        Self::spawn(free_port(), args.to_vec(), log)
+        Self::spawn(free_port(), args.to_vec(), log, Launch::default())
     }
 
     /// Starts and waits until SERVING.
@@ -65,30 +91,41 @@ impl Process {
         process
     }
 
-    fn spawn(port: u16, args: Vec<String>, log: PathBuf) -> Self {
+    fn spawn(port: u16, args: Vec<String>, log: PathBuf, launch: Launch) -> Self {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_audience"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["serve", "--listen", &format!("{}:{port}", launch.ip)])
             .args(&args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env_remove("AUDIENCE_TOKEN")
+            .env_remove("AUDIENCE_TLS_CERT")
+            .env_remove("AUDIENCE_TLS_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .expect("the binary starts");
-        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        let scheme = if launch.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}"))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .connect_lazy();
+            .timeout(Duration::from_secs(60));
+        if let Some(tls) = launch.tls.clone() {
+            endpoint = endpoint.tls_config(tls).expect("client TLS");
+        }
         Self {
             child: Arc::new(Mutex::new(Some(child))),
             port,
             log,
             remove_log: false,
             args,
-            channel,
+            launch,
+            channel: endpoint.connect_lazy(),
         }
     }
 
@@ -96,16 +133,26 @@ impl Process {
     /// then holds the new start's log only.
     pub fn restart(&mut self) {
         self.kill();
-        let mut restarted = Self::spawn(free_port(), self.args.clone(), self.log.clone());
+        let mut restarted = Self::spawn(
+            free_port(),
+            self.args.clone(),
+            self.log.clone(),
+            self.launch.clone(),
+        );
         restarted.remove_log = self.remove_log;
         // The old value's drop finds its child reaped and leaves the log to the new one.
         self.remove_log = false;
         *self = restarted;
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` when it speaks TLS.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.launch.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's health (`""`), or `None` while it cannot be reached.

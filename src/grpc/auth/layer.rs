@@ -66,14 +66,14 @@ where
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let span = tracing::info_span!(
             "rpc",
-            method = request.uri().path(),
+            method = %request.uri().path(),
             caller = tracing::field::Empty
         );
         let admitted = span.in_scope(|| self.admit(&mut request));
         match admitted {
             Ok(caller) => {
                 if let Caller::Token(grant) = &caller {
-                    span.record("caller", grant.name.as_str());
+                    span.record("caller", tracing::field::display(&grant.name));
                 }
                 request.extensions_mut().insert(caller);
                 // The service that was polled ready takes the call; its clone waits for next.
@@ -83,7 +83,7 @@ where
             }
             Err(error) => {
                 if let Some(name) = error.token_name() {
-                    span.record("caller", name);
+                    span.record("caller", tracing::field::display(name));
                 }
                 let status = span.in_scope(|| auth_status(error));
                 Box::pin(std::future::ready(Ok(status.into_http())))
