@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 use super::client::ClientError;
 
 /// The connection every client command talks through: a channel that adds the token.
-pub type Connection = InterceptedService<Channel, BearerToken>;
+pub type Connection = InterceptedService<Channel, Authorization>;
 
 /// TLS and token flags. Global, so that they go anywhere on the line; `serve` reads
 /// `--tls-cert`/`--tls-key` as its own identity and refuses the others.
@@ -34,24 +34,24 @@ pub struct ConnectArgs {
     pub token: Option<String>,
 }
 
-/// Sends `authorization: Bearer <token>` with every call, when there is a token.
+/// Sends an `authorization` header (`Bearer <token>`) with every call, when there is one.
 #[derive(Clone, Default)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
+pub struct Authorization(Option<MetadataValue<Ascii>>);
 
-impl std::fmt::Debug for BearerToken {
+impl std::fmt::Debug for Authorization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
         let shown = if self.0.is_some() { "set" } else { "none" };
-        f.debug_tuple("BearerToken").field(&shown).finish()
+        f.debug_tuple("Authorization").field(&shown).finish()
     }
 }
 
-impl BearerToken {
-    /// The header of `token`.
+impl Authorization {
+    /// `Bearer <token>`, or no header without a token.
     ///
     /// # Errors
     /// A token that cannot go in a header (control characters, non-ASCII).
-    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+    pub fn bearer(token: Option<&str>) -> Result<Self, ClientError> {
         token
             .map(|token| {
                 format!("Bearer {}", token.trim())
@@ -63,9 +63,14 @@ impl BearerToken {
             .transpose()
             .map(Self)
     }
+
+    /// Exactly `value` (another scheme, a malformed header: what tests of the server send).
+    pub fn header(value: MetadataValue<Ascii>) -> Self {
+        Self(Some(value))
+    }
 }
 
-impl Interceptor for BearerToken {
+impl Interceptor for Authorization {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
             request
@@ -122,31 +127,30 @@ impl ConnectArgs {
         }
     }
 
-    /// `channel` with the token.
-    ///
-    /// # Errors
-    /// As [`BearerToken::new`].
-    pub fn with_token(&self, channel: Channel) -> Result<Connection, ClientError> {
-        Ok(InterceptedService::new(
-            channel,
-            BearerToken::new(self.token.as_deref())?,
-        ))
-    }
-
     /// One connection to `addr`.
     ///
     /// # Errors
     /// As [`ConnectArgs::endpoint`], and a server that cannot be reached.
     pub async fn connect(&self, addr: &str) -> Result<Connection, ClientError> {
-        let channel =
-            self.endpoint(addr)?
-                .connect()
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: addr.to_owned(),
-                    source,
-                })?;
-        self.with_token(channel)
+        self.open(&self.endpoint(addr)?, addr).await
+    }
+
+    /// A new connection through `endpoint` (of `addr`), with the token.
+    ///
+    /// # Errors
+    /// A server that cannot be reached, a token that cannot be sent.
+    pub async fn open(&self, endpoint: &Endpoint, addr: &str) -> Result<Connection, ClientError> {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        Ok(InterceptedService::new(
+            channel,
+            Authorization::bearer(self.token.as_deref())?,
+        ))
     }
 }
 

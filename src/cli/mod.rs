@@ -3,7 +3,7 @@
 
 mod bench;
 mod client;
-mod connect;
+pub mod connect;
 mod serve;
 mod token;
 

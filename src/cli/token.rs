@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::client::ClientError;
-use crate::grpc::auth::{sha256_hex, to_hex, Scope, TokenEntry, TokenFile};
-use crate::grpc::reload::Source;
+use crate::grpc::auth::tokens::check_entry;
+use crate::grpc::auth::{sha256_hex, to_hex, Scope, TokenEntry};
 
 /// Random bytes of a new token (256 bits, as hex).
 const TOKEN_BYTES: usize = 32;
@@ -82,14 +82,11 @@ pub fn run(command: TokenCommand, json: bool) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// The entry as TOML, checked by the same parser the server uses.
+/// The entry as TOML, checked as the server checks it.
 fn entry_text(entry: &TokenEntry) -> Result<String, ClientError> {
-    let text = toml::to_string(&TokenFileEntry { token: [entry] })
-        .map_err(|e| ClientError::Input(format!("cannot write the entry: {e}")))?;
-    TokenFile("the new entry".into())
-        .parse(&[text.clone().into_bytes()])
-        .map_err(|e| ClientError::Input(e.to_string()))?;
-    Ok(text)
+    check_entry(entry).map_err(ClientError::Input)?;
+    toml::to_string(&TokenFileEntry { token: [entry] })
+        .map_err(|e| ClientError::Input(format!("cannot write the entry: {e}")))
 }
 
 fn random_token() -> Result<String, ClientError> {

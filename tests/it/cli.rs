@@ -11,15 +11,15 @@ use crate::harness::*;
 
 /// What one run of the binary printed.
 #[derive(Debug)]
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Run {
     #[track_caller]
-    fn ok(self) -> String {
+    pub fn ok(self) -> String {
         assert!(
             self.success,
             "the command failed\nstdout: {}\nstderr: {}",
@@ -34,7 +34,12 @@ impl Run {
 }
 
 /// Runs `audience --addr ADDR ARGS...` to completion off the async workers.
-async fn audience_cli(addr: &str, args: &[&str]) -> Run {
+pub async fn audience_cli(addr: &str, args: &[&str]) -> Run {
+    audience_cli_with_input(addr, args, "").await
+}
+
+/// Runs `audience --addr ADDR ARGS...` with `input` on its standard input.
+pub async fn audience_cli_with_input(addr: &str, args: &[&str], input: &str) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_audience"));
     command
         .arg("--addr")
@@ -45,11 +50,20 @@ async fn audience_cli(addr: &str, args: &[&str]) -> Run {
         .env_remove("AUDIENCE_TLS_CERT")
         .env_remove("AUDIENCE_TLS_KEY")
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("the command thread")
-        .expect("run the audience binary");
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let input = input.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, input.as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .await
+    .expect("the command thread")
+    .expect("run the audience binary");
     Run {
         success: output.status.success(),
         stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),

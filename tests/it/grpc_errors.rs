@@ -340,13 +340,7 @@ async fn unknown_datasets_are_not_found_and_bad_names_invalid() {
             );
         }
     }
-    let datasets = server
-        .schema()
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .datasets;
+    let datasets = dataset_names(&server).await;
     assert_eq!(datasets, vec!["default"]);
     assert_still_serving(&server).await;
     server.shutdown().await;
@@ -1056,13 +1050,7 @@ async fn a_failed_write_does_not_create_its_dataset() {
     assert_eq!(status.code(), Code::InvalidArgument);
     let outcome = import_chunks(&server, "brand-newer", "", vec![b"not arrow".to_vec()]).await;
     assert_eq!(outcome.error().code(), Code::InvalidArgument);
-    let datasets = server
-        .schema()
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .datasets;
+    let datasets = dataset_names(&server).await;
     assert_eq!(datasets, vec!["default"], "no trace of the failed writes");
     server.shutdown().await;
 }

@@ -1473,13 +1473,7 @@ async fn an_ipc_stream_cut_at_a_message_boundary_is_refused_and_applies_nothing(
     let outcome = import_chunks(&server, "cut", "", cut(&truncated, &[4097])).await;
     let error = outcome.error.expect("a truncated stream is refused");
     assert_status(&error, tonic::Code::InvalidArgument, &["end-of-stream"]);
-    let datasets = server
-        .schema()
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .datasets;
+    let datasets = dataset_names(&server).await;
     assert!(!datasets.contains(&"cut".to_owned()), "{datasets:?}");
 }
 
@@ -1542,13 +1536,7 @@ async fn server_side_imports_read_only_regular_files_inside_the_import_directory
         "{messages:?}"
     );
     // Nothing of a refused import landed.
-    let datasets = server
-        .schema()
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .datasets;
+    let datasets = dataset_names(&server).await;
     assert!(!datasets.contains(&"imported".to_owned()), "{datasets:?}");
 
     for (dataset, path) in [

@@ -968,6 +968,17 @@ pub async fn import_demo_over_grpc(server: &TestServer, dataset: &str, n: u64, s
     assert_eq!(outcome.done().rows_read, n);
 }
 
+/// The server's datasets (`ListDatasets`).
+pub async fn dataset_names(server: &TestServer) -> Vec<String> {
+    server
+        .schema()
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await
+        .expect("list datasets")
+        .into_inner()
+        .datasets
+}
+
 /// ImportUsersFile of a path, collected.
 pub async fn import_file(
     server: &TestServer,

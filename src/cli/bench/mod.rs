@@ -341,15 +341,8 @@ async fn connect(
         .tcp_nodelay(true);
     let mut channels = Vec::with_capacity(count);
     for _ in 0..count {
-        // Each `connect` opens its own connection; clones of a channel would share one.
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        channels.push(args.with_token(channel)?);
+        // Each `open` makes its own connection; clones of a channel would share one.
+        channels.push(args.open(&endpoint, addr).await?);
     }
     Ok(channels)
 }

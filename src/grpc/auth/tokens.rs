@@ -183,6 +183,14 @@ impl Source for TokenFile {
     }
 }
 
+/// Why the server would refuse `entry`, if it would.
+///
+/// # Errors
+/// The reason, naming the field.
+pub fn check_entry(entry: &TokenEntry) -> Result<(), String> {
+    grant(entry).map(drop)
+}
+
 fn grant(entry: &TokenEntry) -> Result<Grant, String> {
     if entry.name.trim().is_empty() {
         return Err("name must not be empty".into());

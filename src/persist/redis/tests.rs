@@ -523,8 +523,10 @@ async fn a_log_is_known_by_its_first_record_and_retains_what_follows_its_trim_ma
         );
     }
 
-    // Dropped and created again: another log, where the old positions mean nothing.
+    // Dropped and created again: another log, where the old positions mean nothing. Stream
+    // ids are milliseconds: without the pause, the new log's first id can equal `p4`.
     store.delete_dataset("d").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let again = store.append("d", Position::START, b"again").await.unwrap();
     let new_id = store.log_id("d").await.unwrap();
     assert_ne!(new_id, id);
