@@ -326,4 +326,69 @@ mod tests {
         assert!(refused.contains("demo_users"), "{refused}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn security_settings_that_cannot_work_are_refused_by_name() {
+        let everywhere = SocketAddr::from(([0, 0, 0, 0], 50051));
+        let refused = |config: Config| config.validate().unwrap_err().to_string();
+        let cases = [
+            (
+                Config {
+                    tls_cert: Some("cert.pem".into()),
+                    ..Config::default()
+                },
+                "tls_cert (cert.pem) is set without tls_key",
+            ),
+            (
+                Config {
+                    tls_key: Some("key.pem".into()),
+                    ..Config::default()
+                },
+                "tls_key (key.pem) is set without tls_cert",
+            ),
+            (
+                Config {
+                    tls_client_ca: Some("ca.pem".into()),
+                    ..Config::default()
+                },
+                "tls_client_ca needs tls_cert",
+            ),
+            (
+                Config {
+                    listen: everywhere,
+                    ..Config::default()
+                },
+                "refusing to serve 0.0.0.0:50051 without auth_file",
+            ),
+            (
+                Config {
+                    import_dir: Some("/definitely/not/here".into()),
+                    ..Config::default()
+                },
+                "import_dir /definitely/not/here",
+            ),
+        ];
+        for (config, expected) in cases {
+            let message = refused(config);
+            assert!(message.contains(expected), "{message}");
+        }
+        for open in [
+            Config {
+                listen: everywhere,
+                auth_file: Some("tokens.toml".into()),
+                ..Config::default()
+            },
+            Config {
+                listen: everywhere,
+                allow_unauthenticated: true,
+                ..Config::default()
+            },
+            Config {
+                listen: SocketAddr::from(([127, 0, 0, 2], 50051)),
+                ..Config::default()
+            },
+        ] {
+            open.validate().unwrap();
+        }
+    }
 }

@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! Each layer knows only the one below it.
-//! - [`grpc`]: the tonic services, conversion from and to protobuf, the server builder.
+//! - [`grpc`]: the tonic services, conversion from and to protobuf, the server builder with
+//!   its TLS and bearer-token authentication.
 //! - [`engine`]: datasets, versions, the write path, expression binding and evaluation, queries.
 //! - [`index`]: bitmaps, chunked columns, the key and value dictionaries.
 //! - [`persist`]: the write-ahead log and snapshots, in a local directory or in Redis.
