@@ -238,6 +238,7 @@ fn bench_segments_for_user(c: &mut Criterion, state: &mut DatasetState, rows: u6
 fn bench_many_small_segments(c: &mut Criterion, state: &mut DatasetState, rows: u64, label: &str) {
     let mut rng = SplitMix64::new(7);
     let existing = state.segments().len();
+    let index_before = state.membership_heap_bytes();
     let before = resident_bytes();
     let started = Instant::now();
     for i in 0..10_000 {
@@ -265,8 +266,9 @@ fn bench_many_small_segments(c: &mut Criterion, state: &mut DatasetState, rows: 
         .sum();
     println!(
         "10,000 more segments (on {existing}) created in {seconds:.1} s; memberships {members}; \
-         membership index {} MB; segments' own member sets {} MB; resident growth {} MB",
+         membership index {} MB (+{} MB); segments' own member sets {} MB; resident growth {} MB",
         state.membership_heap_bytes() / 1_000_000,
+        state.membership_heap_bytes().saturating_sub(index_before) / 1_000_000,
         own / 1_000_000,
         grown / 1_000_000,
     );
