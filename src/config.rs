@@ -128,11 +128,34 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("config: {0}")]
-    Invalid(String),
+    /// Settings from variables or flags that do not fit the configuration (clap has typed
+    /// them, so this names a mismatch between the flags and the keys).
+    #[error("config: AUDIENCE_* variables and flags: {0}")]
+    Overlay(#[source] serde_json::Error),
+    /// One line per unusable setting, each naming it.
+    #[error("config: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("config: cannot print as TOML: {0}")]
+    Print(#[source] toml::ser::Error),
 }
 
 impl Config {
+    /// The effective configuration: the defaults, overlaid with the TOML file when there is
+    /// one, then with `overrides` (the settings given as `AUDIENCE_*` variables or flags),
+    /// validated.
+    ///
+    /// # Errors
+    /// As [`Config::from_file`], [`Config::overlay`] and [`Config::validate`].
+    pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+        let base = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let config = base.overlay(overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The defaults overlaid with a TOML file.
     ///
     /// # Errors
@@ -148,25 +171,59 @@ impl Config {
         })
     }
 
+    /// This configuration with every setting that `overrides` gives replaced: `overrides`
+    /// serializes to the shape of the file (tables for sections), and an absent or null field
+    /// leaves the setting as it is. One generic merge, so that a new setting needs only its
+    /// field here and its flag, never a line of copying.
+    ///
+    /// # Errors
+    /// A field of `overrides` that is not a setting, or of the wrong type.
+    pub fn overlay(&self, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+        let mut merged = serde_json::to_value(self).map_err(ConfigError::Overlay)?;
+        let overrides = serde_json::to_value(overrides).map_err(ConfigError::Overlay)?;
+        merge_set_fields(&mut merged, overrides);
+        serde_json::from_value(merged).map_err(ConfigError::Overlay)
+    }
+
+    /// The configuration as a TOML file that [`Config::from_file`] reads back, with the
+    /// password of `redis_url` masked (it is a secret, and this is printed).
+    ///
+    /// # Errors
+    /// A number TOML cannot hold (above 2^63 - 1).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let shown = Self {
+            redis_url: self.redis_url.as_deref().map(mask_url_password),
+            ..self.clone()
+        };
+        toml::to_string(&shown).map_err(ConfigError::Print)
+    }
+
     /// Checks values that parse but cannot work.
     ///
     /// # Errors
-    /// The first unusable value, named.
+    /// Every unusable value, each named.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_security()?;
+        let mut problems: Vec<String> = self
+            .checks()
+            .into_iter()
+            .filter(|(ok, _)| !ok)
+            .map(|(_, message)| message.to_owned())
+            .collect();
+        problems.extend(self.security_problems());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Each rule with whether this configuration keeps it.
+    fn checks(&self) -> Vec<(bool, &'static str)> {
         let limits = &self.limits;
-        let checks = [
+        vec![
             (
                 self.max_message_bytes >= 64 * 1024,
                 "max_message_bytes must be at least 65536",
-            ),
-            (
-                limits.max_expression_nodes > 0,
-                "limits.max_expression_nodes must be positive",
-            ),
-            (
-                (1..=64).contains(&limits.max_expression_depth),
-                "limits.max_expression_depth must be between 1 and 64",
             ),
             (
                 self.demo_users > 0 || (self.demo_events == 0 && self.demo_segments == 0),
@@ -204,12 +261,20 @@ impl Config {
                 "erasure_max_age_secs must be positive",
             ),
             (
-                limits.max_batch_events > 0,
-                "limits.max_batch_events must be positive",
+                limits.max_expression_nodes > 0,
+                "limits.max_expression_nodes must be positive",
+            ),
+            (
+                (1..=64).contains(&limits.max_expression_depth),
+                "limits.max_expression_depth must be between 1 and 64",
             ),
             (
                 limits.max_batch_users > 0,
                 "limits.max_batch_users must be positive",
+            ),
+            (
+                limits.max_batch_events > 0,
+                "limits.max_batch_events must be positive",
             ),
             (
                 limits.max_page_size > 0,
@@ -220,8 +285,24 @@ impl Config {
                 "limits.max_overlap_audiences must be at least 2",
             ),
             (
+                limits.max_segments > 0,
+                "limits.max_segments must be positive",
+            ),
+            (
                 limits.max_open_cursors > 0,
                 "limits.max_open_cursors must be positive",
+            ),
+            (
+                limits.cursor_ttl_secs > 0,
+                "limits.cursor_ttl_secs must be positive",
+            ),
+            (
+                limits.import_idle_secs > 0,
+                "limits.import_idle_secs must be positive",
+            ),
+            (
+                limits.watch_history_changes > 0,
+                "limits.watch_history_changes must be positive",
             ),
             (
                 limits.watch_history_entries > 0,
@@ -231,41 +312,31 @@ impl Config {
                 limits.watch_max_lag > 0 && limits.watch_max_lag < limits.watch_history_changes,
                 "limits.watch_max_lag must be positive and below limits.watch_history_changes",
             ),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => Err(ConfigError::Invalid((*message).to_owned())),
-            None => Ok(()),
-        }
+        ]
     }
-
     /// TLS settings that go together, the protected mode, and the import directory.
-    fn validate_security(&self) -> Result<(), ConfigError> {
-        let invalid = |message: String| Err(ConfigError::Invalid(message));
+    fn security_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), None) => {
-                return invalid(format!(
-                    "tls_cert ({}) is set without tls_key, its private key",
-                    cert.display()
-                ))
-            }
-            (None, Some(key)) => {
-                return invalid(format!(
-                    "tls_key ({}) is set without tls_cert, the certificate it belongs to",
-                    key.display()
-                ))
-            }
+            (Some(cert), None) => problems.push(format!(
+                "tls_cert ({}) is set without tls_key, its private key",
+                cert.display()
+            )),
+            (None, Some(key)) => problems.push(format!(
+                "tls_key ({}) is set without tls_cert, the certificate it belongs to",
+                key.display()
+            )),
             _ => {}
         }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return invalid(
-                "tls_client_ca needs tls_cert and tls_key: mutual TLS runs over TLS".into(),
-            );
+            problems
+                .push("tls_client_ca needs tls_cert and tls_key: mutual TLS runs over TLS".into());
         }
         if !self.listen.ip().is_loopback()
             && self.auth_file.is_none()
             && !self.allow_unauthenticated
         {
-            return invalid(format!(
+            problems.push(format!(
                 "refusing to serve {} without auth_file: anyone who reaches that address could \
                  read, change and delete every dataset. Set auth_file (--auth-file), listen on \
                  a loopback address, or set allow_unauthenticated (--allow-unauthenticated) if \
@@ -276,11 +347,46 @@ impl Config {
         if let Some(dir) = &self.import_dir {
             match std::fs::metadata(dir) {
                 Ok(meta) if meta.is_dir() => {}
-                Ok(_) => return invalid(format!("import_dir {}: not a directory", dir.display())),
-                Err(e) => return invalid(format!("import_dir {}: {e}", dir.display())),
+                Ok(_) => problems.push(format!("import_dir {}: not a directory", dir.display())),
+                Err(e) => problems.push(format!("import_dir {}: {e}", dir.display())),
             }
         }
-        Ok(())
+        problems
+    }
+}
+
+/// Writes every non-null field of `overrides` into `base`, objects key by key.
+fn merge_set_fields(base: &mut serde_json::Value, overrides: serde_json::Value) {
+    use serde_json::Value;
+    match (base, overrides) {
+        (Value::Object(base), Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                match base.get_mut(&key) {
+                    Some(slot) => merge_set_fields(slot, value),
+                    None if !value.is_null() => {
+                        base.insert(key, value);
+                    }
+                    None => {}
+                }
+            }
+        }
+        (_, Value::Null) => {}
+        (base, value) => *base = value,
+    }
+}
+
+/// `scheme://user:***@host...` for a URL with a password; any other text as it is.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -389,6 +495,59 @@ mod tests {
             },
         ] {
             open.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused_by_name() {
+        let limits = serde_json::to_value(Limits::default()).unwrap();
+        let names: Vec<&String> = limits.as_object().unwrap().keys().collect();
+        assert!(names.len() >= 13, "{names:?}");
+        for name in names {
+            let zero = serde_json::json!({ "limits": { name.as_str(): 0 } });
+            let config = Config::default().overlay(&zero).unwrap();
+            let refused = config.validate().unwrap_err().to_string();
+            assert!(
+                refused.contains(&format!("limits.{name} must")),
+                "{name}: {refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_bad_setting_is_reported_at_once() {
+        let bad = Config {
+            segment_refresh_secs: 0,
+            fsync_interval_ms: 0,
+            ..Config::default()
+        };
+        let refused = bad.validate().unwrap_err().to_string();
+        assert!(refused.contains("segment_refresh_secs must"), "{refused}");
+        assert!(refused.contains("fsync_interval_ms must"), "{refused}");
+    }
+
+    #[test]
+    fn printed_toml_reads_back_with_the_redis_password_masked() {
+        for (url, shown) in [
+            (
+                "redis://app:s3cret@redis:6379/0",
+                "redis://app:***@redis:6379/0",
+            ),
+            ("redis://:s3cret@redis:6379", "redis://:***@redis:6379"),
+            ("redis://redis:6379/0", "redis://redis:6379/0"),
+            ("redis://user@redis/1", "redis://user@redis/1"),
+        ] {
+            let mut config = Config {
+                redis_url: Some(url.into()),
+                data_dir: Some("/data".into()),
+                ..Config::default()
+            };
+            config.limits.max_page_size = 9;
+            let text = config.to_toml().unwrap();
+            assert!(!text.contains("s3cret"), "{text}");
+            let back: Config = toml::from_str(&text).unwrap();
+            config.redis_url = Some(shown.into());
+            assert_eq!(back, config);
         }
     }
 }

@@ -1,10 +1,8 @@
 //! The `audience` binary: parses the command line and hands it to [`audience::cli`].
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = audience::cli::Cli::parse();
+    let cli = audience::cli::Cli::from_command_line();
     match audience::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -37,6 +37,9 @@ pub enum ClientError {
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Serve(super::serve::ServeError),
+    /// The health check answered, with another status than SERVING.
+    #[error("not serving: {0}")]
+    NotServing(String),
 }
 
 /// An error and its causes, `: `-separated: tonic's transport error alone says only
@@ -69,7 +72,9 @@ pub async fn run(addr: &str, connect: &ConnectArgs, json: bool, command: Command
     let channel = connect.connect(addr).await?;
     let out = &mut std::io::stdout().lock();
     match command {
-        Command::Serve(_) | Command::Bench(_) | Command::Token(_) => Ok(()),
+        Command::Serve(_) | Command::Bench(_) | Command::Token(_) | Command::Health { .. } => {
+            Ok(())
+        }
         Command::Import {
             kind,
             file,

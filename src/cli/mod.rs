@@ -4,12 +4,15 @@
 mod bench;
 mod client;
 pub mod connect;
+mod health;
 mod serve;
+mod settings;
 mod token;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub use client::ClientError;
 
@@ -32,13 +35,45 @@ pub struct Cli {
     pub connect: connect::ConnectArgs,
     #[command(subcommand)]
     pub command: Command,
+    /// The client-only flags given on the command line, each with what the server uses
+    /// instead: `serve` refuses them rather than accept and ignore them.
+    #[arg(skip)]
+    pub client_flags: Vec<(&'static str, &'static str)>,
+}
+
+/// Global flags that only client commands read: (argument id, flag, what `serve` has instead).
+const CLIENT_ONLY_FLAGS: [(&str, &str, &str); 2] = [
+    ("addr", "--addr", ": the server listens on --listen"),
+    (
+        "json",
+        "--json",
+        ": the server logs JSON with --log-format json",
+    ),
+];
+
+impl Cli {
+    /// Parses the process's arguments as [`Parser::parse`] does (usage errors exit), noting
+    /// which client-only flags were given on the command line.
+    pub fn from_command_line() -> Self {
+        Self::from_matches(&Self::command().get_matches()).unwrap_or_else(|e| e.exit())
+    }
+
+    fn from_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut cli = Self::from_arg_matches(matches)?;
+        cli.client_flags = CLIENT_ONLY_FLAGS
+            .iter()
+            .filter(|(id, _, _)| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|&(_, flag, instead)| (flag, instead))
+            .collect();
+        Ok(cli)
+    }
 }
 
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Import a .parquet or .arrow file of users, or of events (`user_id`, `event`, `ts`,
     /// optional `value`), into a dataset.
     Import {
@@ -114,6 +149,17 @@ pub enum Command {
     /// Make a bearer token for the server's token file (--auth-file), or hash one.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Ask the server's `grpc.health.v1` whether it is SERVING (for probes and container
+    /// health checks): prints the status and exits 0 only when SERVING, 1 otherwise
+    /// (NOT_SERVING while loading, unreachable, or no answer within --timeout-secs).
+    Health {
+        /// The service to ask about; empty is the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the connection and the answer.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_secs: u64,
+    },
     /// Write a snapshot of the server's data now (showing progress) and free the log it
     /// covers; the server must run with --data-dir or --redis-url.
     Snapshot {
@@ -188,11 +234,18 @@ pub enum SegmentCommand {
 /// Whatever stopped the command, to be printed by `main`.
 pub async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
-        Command::Serve(args) => serve::run(args, cli.connect)
+        Command::Serve(args) => serve::run(*args, cli.connect, &cli.client_flags)
             .await
             .map_err(ClientError::Serve),
         Command::Bench(command) => bench::run(&cli.addr, &cli.connect, cli.json, command).await,
         Command::Token(command) => token::run(command, cli.json),
+        Command::Health {
+            service,
+            timeout_secs,
+        } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            health::run(&cli.addr, &cli.connect, cli.json, service, timeout).await
+        }
         command => client::run(&cli.addr, &cli.connect, cli.json, command).await,
     }
 }

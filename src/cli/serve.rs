@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::connect::ConnectArgs;
+use super::settings::{ServeOverrides, SettingsArgs};
 use crate::config::{Config, LogFormat};
 use crate::engine::{
     DurableOptions, Engine, ImportBatch, SegmentDefinition, SharedOptions, DEFAULT_DATASET,
@@ -15,74 +16,26 @@ use crate::grpc::{serve, Security, SecurityError, Services};
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
 
-/// Flags of `serve`; each also reads an `AUDIENCE_*` variable and overrides the config file.
+/// Flags of `serve`: the settings (each also read from an `AUDIENCE_*` variable, both over
+/// the config file), and what to do with them.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// A TOML config file.
     #[arg(long, env = "AUDIENCE_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen address, e.g. 0.0.0.0:50051.
-    #[arg(long, env = "AUDIENCE_LISTEN")]
-    listen: Option<std::net::SocketAddr>,
-    /// Data directory of the write-ahead log and snapshots (unset: memory only); with
-    /// `--redis-url`, a local cache of the snapshots that makes restarts read less from Redis.
-    #[arg(long, env = "AUDIENCE_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Redis URL of the shared log and snapshots of several replicas.
-    #[arg(long, env = "AUDIENCE_REDIS_URL")]
-    redis_url: Option<String>,
-    /// Start of every Redis key (several deployments can share one Redis).
-    #[arg(long, env = "AUDIENCE_REDIS_PREFIX")]
-    redis_prefix: Option<String>,
-    /// When a write is forced to disk before it is acknowledged: always or interval.
-    #[arg(long, env = "AUDIENCE_FSYNC")]
-    fsync: Option<crate::persist::FsyncPolicy>,
-    /// With `--fsync interval`: the longest a group fsync waits for writes in progress,
-    /// counted from the previous one (milliseconds).
-    #[arg(long, env = "AUDIENCE_FSYNC_INTERVAL_MS")]
-    fsync_interval_ms: Option<u64>,
-    /// Log bytes after which a snapshot is written in the background.
-    #[arg(long, env = "AUDIENCE_SNAPSHOT_LOG_BYTES")]
-    snapshot_log_bytes: Option<u64>,
-    /// Log records after which a snapshot is written in the background.
-    #[arg(long, env = "AUDIENCE_SNAPSHOT_LOG_RECORDS")]
-    snapshot_log_records: Option<u64>,
-    /// Seconds within which a deleted user's bytes leave every log and snapshot file.
-    #[arg(long, env = "AUDIENCE_ERASURE_MAX_AGE_SECS")]
-    erasure_max_age_secs: Option<u64>,
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// Start from what is valid when the log or a snapshot is corrupt, dropping the rest (and
     /// saying what), instead of refusing to start.
     #[arg(long, env = "AUDIENCE_RECOVER_TRUNCATE")]
     recover_truncate: bool,
-    /// Load N generated demo users into the `default` dataset at start.
-    #[arg(long, env = "AUDIENCE_DEMO_USERS")]
-    demo_users: Option<u64>,
-    /// Load N generated demo behaviour events (of the demo users) at start.
-    #[arg(long, env = "AUDIENCE_DEMO_EVENTS")]
-    demo_events: Option<u64>,
-    /// Create N generated saved segments over the demo data at start (needs `--demo-users`).
-    #[arg(long, env = "AUDIENCE_DEMO_SEGMENTS")]
-    demo_segments: Option<u64>,
-    /// The only directory server-side imports may read from (unset: they are refused).
-    #[arg(long, env = "AUDIENCE_IMPORT_DIR")]
-    import_dir: Option<PathBuf>,
-    /// CA certificates (PEM) that sign the clients' certificates: mutual TLS (needs
-    /// --tls-cert and --tls-key, the server's own).
-    #[arg(long, env = "AUDIENCE_TLS_CLIENT_CA", value_name = "FILE")]
-    tls_client_ca: Option<PathBuf>,
-    /// The token file (TOML of token hashes with scopes and dataset patterns); every call
-    /// but health then needs `authorization: Bearer <token>`.
-    #[arg(long, env = "AUDIENCE_AUTH_FILE", value_name = "FILE")]
-    auth_file: Option<PathBuf>,
-    /// Serve a non-loopback address without --auth-file (refused otherwise).
-    #[arg(long, env = "AUDIENCE_ALLOW_UNAUTHENTICATED")]
-    allow_unauthenticated: bool,
-    /// Log format.
-    #[arg(long, env = "AUDIENCE_LOG_FORMAT")]
-    log_format: Option<LogFormat>,
-    /// Seconds between re-evaluations of time-windowed segments.
-    #[arg(long, env = "AUDIENCE_SEGMENT_REFRESH_SECS")]
-    segment_refresh_secs: Option<u64>,
+    /// Print the effective configuration (defaults, file, variables and flags) as TOML and
+    /// exit; the Redis password is masked.
+    #[arg(long, conflicts_with = "check_config")]
+    print_config: bool,
+    /// Validate the configuration and exit: 0 when it is usable, 1 with the reason.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// Why the server could not run.
@@ -98,6 +51,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Server(#[from] crate::grpc::ServeError),
+    #[error("cannot print the configuration: {0}")]
+    Output(#[source] std::io::Error),
     #[error(transparent)]
     Security(#[from] SecurityError),
     #[error("{0} is for client commands, not serve{1}")]
@@ -105,90 +60,42 @@ pub enum ServeError {
 }
 
 impl ServeArgs {
-    fn config(&self, connect: &ConnectArgs) -> Result<Config, ServeError> {
-        if connect.tls_ca.is_some() {
-            return Err(ServeError::ClientFlag(
-                "--tls-ca",
-                ": the server trusts client certificates from --tls-client-ca",
-            ));
-        }
-        if connect.token.is_some() {
-            return Err(ServeError::ClientFlag(
-                "--token (AUDIENCE_TOKEN)",
-                ": the server's tokens are in --auth-file",
-            ));
-        }
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        if let Some(listen) = self.listen {
-            config.listen = listen;
-        }
-        if let Some(dir) = &self.data_dir {
-            config.data_dir = Some(dir.clone());
-        }
-        if let Some(url) = &self.redis_url {
-            config.redis_url = Some(url.clone());
-        }
-        if let Some(prefix) = &self.redis_prefix {
-            config.redis_prefix = prefix.clone();
-        }
-        if let Some(policy) = self.fsync {
-            config.fsync = policy;
-        }
-        if let Some(ms) = self.fsync_interval_ms {
-            config.fsync_interval_ms = ms;
-        }
-        if let Some(bytes) = self.snapshot_log_bytes {
-            config.snapshot_log_bytes = bytes;
-        }
-        if let Some(records) = self.snapshot_log_records {
-            config.snapshot_log_records = records;
-        }
-        if let Some(secs) = self.erasure_max_age_secs {
-            config.erasure_max_age_secs = secs;
-        }
-        if let Some(n) = self.demo_users {
-            config.demo_users = n;
-        }
-        if let Some(n) = self.demo_events {
-            config.demo_events = n;
-        }
-        if let Some(n) = self.demo_segments {
-            config.demo_segments = n;
-        }
-        if let Some(dir) = &self.import_dir {
-            config.import_dir = Some(dir.clone());
-        }
-        if let Some(format) = self.log_format {
-            config.log_format = format;
-        }
-        if let Some(secs) = self.segment_refresh_secs {
-            config.segment_refresh_secs = secs;
-        }
-        self.security_overrides(connect, &mut config);
-        config.validate()?;
-        Ok(config)
+    /// The effective configuration: the file, then the settings given as variables or flags
+    /// (the global `--tls-cert`/`--tls-key` among them), validated. Refuses client-only flags,
+    /// which `serve` would otherwise accept and ignore.
+    fn config(
+        &self,
+        connect: &ConnectArgs,
+        client_flags: &[(&'static str, &'static str)],
+    ) -> Result<Config, ServeError> {
+        refuse_client_flags(connect, client_flags)?;
+        let overrides = ServeOverrides::new(&self.settings, connect);
+        Ok(Config::load(self.config.as_deref(), &overrides)?)
     }
+}
 
-    fn security_overrides(&self, connect: &ConnectArgs, config: &mut Config) {
-        if let Some(path) = &connect.tls_cert {
-            config.tls_cert = Some(path.clone());
-        }
-        if let Some(path) = &connect.tls_key {
-            config.tls_key = Some(path.clone());
-        }
-        if let Some(path) = &self.tls_client_ca {
-            config.tls_client_ca = Some(path.clone());
-        }
-        if let Some(path) = &self.auth_file {
-            config.auth_file = Some(path.clone());
-        }
-        if self.allow_unauthenticated {
-            config.allow_unauthenticated = true;
-        }
+/// Refuses the flags that only client commands read: `serve` has no use for them.
+/// `client_flags` are those given on the command line, each with what to use instead.
+fn refuse_client_flags(
+    connect: &ConnectArgs,
+    client_flags: &[(&'static str, &'static str)],
+) -> Result<(), ServeError> {
+    if let Some(&(flag, instead)) = client_flags.first() {
+        return Err(ServeError::ClientFlag(flag, instead));
     }
+    if connect.tls_ca.is_some() {
+        return Err(ServeError::ClientFlag(
+            "--tls-ca",
+            ": the server trusts client certificates from --tls-client-ca",
+        ));
+    }
+    if connect.token.is_some() {
+        return Err(ServeError::ClientFlag(
+            "--token (AUDIENCE_TOKEN)",
+            ": the server's tokens are in --auth-file",
+        ));
+    }
+    Ok(())
 }
 
 /// The certificate and token files of `config`, loaded (and named when they cannot be).
@@ -228,8 +135,22 @@ fn init_logging(format: LogFormat) {
 ///
 /// # Errors
 /// A bad configuration, an address in use, or a transport failure.
-pub async fn run(args: ServeArgs, connect: ConnectArgs) -> Result<(), ServeError> {
-    let config = args.config(&connect)?;
+pub async fn run(
+    args: ServeArgs,
+    connect: ConnectArgs,
+    client_flags: &[(&'static str, &'static str)],
+) -> Result<(), ServeError> {
+    let config = args.config(&connect, client_flags)?;
+    // Before the certificate and token files are read: a probe of the configuration alone.
+    if args.print_config {
+        let text = config.to_toml()?;
+        return std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+            .map_err(ServeError::Output);
+    }
+    if args.check_config {
+        eprintln!("configuration ok");
+        return Ok(());
+    }
     init_logging(config.log_format);
     let security = security(&config)?;
     if config.data_dir.is_none() && config.redis_url.is_none() {

@@ -19,3 +19,4 @@ mod properties;
 mod properties_events;
 mod replicas;
 mod security;
+mod settings;
