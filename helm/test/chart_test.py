@@ -253,6 +253,31 @@ def rejected(chart: helm.Chart, path: Path, failures: Failures) -> None:
     failures.check(False, f"{case}: rendered, but must be refused with '{expected}'")
 
 
+# Values documented as a whole in the chart README (maps passed through to Kubernetes).
+WHOLE_VALUES = {"config", "resources", "podSecurityContext", "securityContext", "probes.startup",
+                "probes.readiness", "probes.liveness", "nodeSelector", "affinity",
+                "podAnnotations", "podLabels", "serviceAccount.annotations",
+                "service.annotations", "metrics.serviceMonitor.labels"}
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in WHOLE_VALUES:
+            paths.extend(value_paths(value, f"{path}."))
+        else:
+            paths.append(path)
+    return paths
+
+
+def check_readme(chart: helm.Chart, chart_dir: Path, failures: Failures) -> None:
+    """The chart README's table lists every value."""
+    readme = (chart_dir / "README.md").read_text()
+    for path in value_paths(chart.values):
+        failures.check(f"| `{path}` |" in readme, f"README.md: the value {path} is not listed")
+
+
 def main() -> int:
     chart_dir, cases, binary = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     failures = Failures()
@@ -262,6 +287,7 @@ def main() -> int:
         accepted_cases = sorted((cases / "accepted").glob("*.yaml"))
         rejected_cases = sorted((cases / "rejected").glob("*.yaml"))
         assert accepted_cases and rejected_cases, "no test cases"
+        check_readme(chart, chart_dir, failures)
         for path in accepted_cases:
             accepted(chart, chart_dir, path, binary, failures)
         for path in rejected_cases:
