@@ -72,6 +72,7 @@ async fn start(users: u64, segments: usize) -> Server {
         import_dir: None,
         time_refresh: Duration::from_secs(60),
         security: Default::default(),
+        metrics: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(

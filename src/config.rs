@@ -74,6 +74,9 @@ pub struct Config {
     /// Serve a non-loopback address without `auth_file`, e.g. behind a network policy that
     /// already keeps callers out. Without it such a start is refused.
     pub allow_unauthenticated: bool,
+    /// Where Prometheus metrics are served (`GET /metrics`); unset, they are off. Its port
+    /// must differ from `listen`'s.
+    pub metrics_listen: Option<SocketAddr>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
     /// Seconds between re-evaluations of segments whose windows move with time (and drops of
@@ -106,6 +109,7 @@ impl Default for Config {
             tls_client_ca: None,
             auth_file: None,
             allow_unauthenticated: false,
+            metrics_listen: None,
             max_message_bytes: 64 * 1024 * 1024,
             segment_refresh_secs: 60,
             limits: Limits::default(),
@@ -210,6 +214,14 @@ impl Config {
             .map(|(_, message)| message.to_owned())
             .collect();
         problems.extend(self.security_problems());
+        if let Some(metrics) = self.metrics_listen {
+            if metrics.port() != 0 && metrics.port() == self.listen.port() {
+                problems.push(format!(
+                    "metrics_listen ({metrics}) must use another port than listen ({})",
+                    self.listen
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -512,6 +524,25 @@ mod tests {
                 "{name}: {refused}"
             );
         }
+    }
+
+    #[test]
+    fn the_metrics_port_must_differ_from_the_grpc_port() {
+        let same = Config {
+            listen: "127.0.0.1:7000".parse().unwrap(),
+            metrics_listen: Some("0.0.0.0:7000".parse().unwrap()),
+            ..Config::default()
+        };
+        let refused = same.validate().unwrap_err().to_string();
+        assert!(
+            refused.contains("metrics_listen (0.0.0.0:7000) must use another port than listen"),
+            "{refused}"
+        );
+        let other = Config {
+            metrics_listen: Some("127.0.0.1:9090".parse().unwrap()),
+            ..same
+        };
+        other.validate().unwrap();
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`index`]: bitmaps, chunked columns, the key and value dictionaries.
 //! - [`persist`]: the write-ahead log and snapshots, in a local directory or in Redis.
 //! - [`expr`]: the expression syntax tree, its text parser and printer.
+//! - [`metrics`]: Prometheus metrics on their own port, read from the engine at scrape time.
 //! - [`config`], [`cli`], [`demo`]: start-up configuration, the command line, the demo data.
 
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod expr;
 pub mod grpc;
 pub mod index;
 pub mod memory;
+pub mod metrics;
 pub mod persist;
 pub mod rng;
 pub mod time;

@@ -11,8 +11,10 @@ use crate::config::{Config, LogFormat};
 use crate::engine::{
     DurableOptions, Engine, ImportBatch, SegmentDefinition, SharedOptions, DEFAULT_DATASET,
 };
+use crate::grpc::metrics::RequestMetrics;
 use crate::grpc::tls::TlsFiles;
 use crate::grpc::{serve, Security, SecurityError, Services};
+use crate::metrics::Exporter;
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
 
@@ -177,6 +179,11 @@ pub async fn run(
         import_dir: config.import_dir.clone(),
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
         security,
+        metrics: config.metrics_listen.map(|_| RequestMetrics::default()),
+    };
+    let exporter = match (config.metrics_listen, &services.metrics) {
+        (Some(addr), Some(requests)) => Some(start_metrics(addr, &engine, requests).await?),
+        _ => None,
     };
     let durable = durable_options(&config, args.recover_truncate);
     let shared = shared_options(&config);
@@ -211,8 +218,26 @@ pub async fn run(
         engine.progress().finish();
         Ok(())
     };
-    serve(services, listener, ready, shutdown_signal()).await?;
+    let served = serve(services, listener, ready, shutdown_signal()).await;
+    if let Some(exporter) = exporter {
+        exporter.abort();
+    }
+    served?;
     Ok(())
+}
+
+/// Binds `addr` and serves the metrics there until the returned task is aborted.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    engine: &Arc<Engine>,
+    requests: &RequestMetrics,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tracing::info!(addr = %addr, "metrics at /metrics");
+    let exporter = Arc::new(Exporter::new(engine.clone(), requests));
+    Ok(tokio::spawn(crate::metrics::serve(listener, exporter)))
 }
 
 /// The embedded store's settings, when a data directory is set without Redis.

@@ -104,6 +104,9 @@ pub struct SettingsArgs {
         value_parser = clap::builder::BoolishValueParser::new(),
     )]
     pub allow_unauthenticated: Option<bool>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 0.0.0.0:9090 (unset: off).
+    #[arg(long, env = "AUDIENCE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "AUDIENCE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -236,6 +239,7 @@ mod tests {
             tls_client_ca: Some("/tls/ca.crt".into()),
             auth_file: Some("/auth/tokens.toml".into()),
             allow_unauthenticated: true,
+            metrics_listen: Some("0.0.0.0:9090".parse().expect("an address")),
             max_message_bytes: 1 << 20,
             segment_refresh_secs: 30,
             limits: Limits {

@@ -57,6 +57,11 @@ impl CursorCache {
         }
     }
 
+    /// Listings kept for their next page (expired ones until the next sweep).
+    pub fn open(&self) -> usize {
+        self.listings.lock().map_or(0, |listings| listings.len())
+    }
+
     /// The first page; keeps the listing open when there is more.
     pub fn first_page(&self, state: Arc<DatasetState>, members: Arc<Bitmap>, size: usize) -> Page {
         let (user_ids, last) = page_from(&state, &members, None, size);

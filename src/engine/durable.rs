@@ -125,6 +125,14 @@ impl Journal {
         Ok(position)
     }
 
+    /// Records and bytes appended to the log by this process.
+    pub(super) fn appended(&self) -> (u64, u64) {
+        match &self.backend {
+            Backend::Local { wal, .. } => wal.appended(),
+            Backend::Shared(shared) => shared.appended(),
+        }
+    }
+
     /// Log bytes not yet in a snapshot.
     fn unsnapshotted_bytes(&self) -> u64 {
         match &self.backend {
@@ -489,6 +497,7 @@ impl Engine {
             log_bytes_freed,
             seconds: started.elapsed().as_secs_f64(),
         };
+        self.count_snapshot(report.bytes, report.seconds);
         tracing::info!(
             path = %report.path.display(),
             datasets,

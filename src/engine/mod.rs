@@ -19,6 +19,7 @@
 //!   `redis_load` (a dataset from Redis) and `cache` (its local cache in a data directory).
 //! - [`cursor`]: member listings that stay on one snapshot from page to page.
 //! - [`feed`], [`watch`]: each write's segment transitions, in publish order, for watchers.
+//! - [`stats`]: running totals and per-dataset figures for the metrics exporter.
 
 pub mod apply;
 mod cache;
@@ -47,6 +48,7 @@ pub mod replica;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
+pub mod stats;
 pub mod transaction;
 pub mod watch;
 
@@ -129,6 +131,8 @@ pub struct Engine {
     journal: std::sync::OnceLock<Arc<durable::Journal>>,
     /// Requests are refused while a start-up load runs.
     progress: LoadProgress,
+    /// Running totals for the metrics exporter.
+    counters: stats::Counters,
 }
 
 impl Default for Engine {
@@ -168,6 +172,7 @@ impl Engine {
             limits,
             journal: std::sync::OnceLock::new(),
             progress: LoadProgress::default(),
+            counters: stats::Counters::default(),
         }
     }
 

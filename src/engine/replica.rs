@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +70,9 @@ pub(crate) struct Shared {
     unsnapshotted: Mutex<HashMap<String, u64>>,
     /// The lag found at each dataset's last catch-up.
     lag: Mutex<HashMap<String, Lag>>,
+    /// Records and bytes this replica appended since the start.
+    appended_records: AtomicU64,
+    appended_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -84,6 +88,9 @@ impl Shared {
     ) -> crate::persist::Result<Position> {
         let position = self.store.append(dataset, expected, &bytes).await?;
         self.count(dataset, bytes.len() as u64);
+        self.appended_records.fetch_add(1, Ordering::Relaxed);
+        self.appended_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(position)
     }
 
@@ -91,6 +98,14 @@ impl Shared {
         if let Ok(mut map) = self.unsnapshotted.lock() {
             *map.entry(dataset.to_owned()).or_default() += bytes;
         }
+    }
+
+    /// Records and bytes this replica appended since the start.
+    pub(super) fn appended(&self) -> (u64, u64) {
+        (
+            self.appended_records.load(Ordering::Relaxed),
+            self.appended_bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The most record bytes of one dataset not in a snapshot.
@@ -176,6 +191,8 @@ impl Engine {
             cache,
             unsnapshotted: Mutex::new(unsnapshotted),
             lag: Mutex::new(HashMap::new()),
+            appended_records: AtomicU64::new(0),
+            appended_bytes: AtomicU64::new(0),
         };
         let journal = Journal::new(
             Backend::Shared(Box::new(shared)),
@@ -385,6 +402,7 @@ impl Engine {
             log_bytes_freed: freed,
             seconds: started.elapsed().as_secs_f64(),
         };
+        self.count_snapshot(report.bytes, report.seconds);
         tracing::info!(
             datasets = report.datasets,
             bytes,

@@ -122,6 +122,7 @@ impl Engine {
             now,
             logged: self.journal.get().map(|_| Vec::new()),
             bounds: feed::FeedBounds::from(self.limits()),
+            _active: super::stats::Open::new(&self.counters.imports_active),
         })
     }
 }
@@ -148,6 +149,8 @@ pub struct Import {
     logged: Option<Vec<ImportPart>>,
     /// How much of the import's transitions the watch feed keeps.
     bounds: feed::FeedBounds,
+    /// Counts this import among those in progress until it is committed or dropped.
+    _active: super::stats::Open,
 }
 
 impl Import {
@@ -165,6 +168,9 @@ impl Import {
         .map_err(|e| EngineError::Internal(format!("import task failed: {e}")))??;
         self.state = Some(state);
         self.steps = Some(steps);
+        if let Some(part) = &part {
+            self.engine.count_imported(part);
+        }
         if let (Some(logged), Some(part)) = (self.logged.as_mut(), part) {
             logged.push(part);
         }

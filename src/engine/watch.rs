@@ -72,6 +72,8 @@ pub struct Watcher {
     greeted: bool,
     /// A watched segment whose deletion has been read; the next call reports it.
     deleted: Option<String>,
+    /// Counts this watcher among the open ones while it lives.
+    _open: super::stats::Open,
 }
 
 impl Engine {
@@ -150,6 +152,7 @@ impl Engine {
             head,
             greeted: false,
             deleted: None,
+            _open: super::stats::Open::new(&self.counters.watchers),
         })
     }
 }

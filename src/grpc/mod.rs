@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod ingest;
+pub mod metrics;
 pub mod query;
 pub mod reload;
 pub mod schema;
@@ -68,6 +69,8 @@ pub struct Services {
     pub time_refresh: std::time::Duration,
     /// TLS and tokens.
     pub security: Security,
+    /// Request counts and latencies, when metrics are served.
+    pub metrics: Option<metrics::RequestMetrics>,
 }
 
 /// The server's TLS identity and its tokens, each re-read from its files while it runs.
@@ -248,6 +251,8 @@ pub async fn serve(
         tracing::info!("shutting down");
     };
     let router = tonic::transport::Server::builder()
+        // Outermost: it sees the final status of every call, refusals included.
+        .layer(metrics::MetricsLayer::new(services.metrics.clone()))
         .layer(tower::util::MapResponseLayer::new(
             status::precise_transport_codes,
         ))

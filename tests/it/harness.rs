@@ -170,6 +170,7 @@ impl TestServer {
             import_dir: options.import_dir.clone(),
             time_refresh: options.time_refresh,
             security: Default::default(),
+            metrics: None,
         };
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();

@@ -13,6 +13,7 @@ mod grpc_queries;
 mod grpc_segments;
 mod grpc_watch;
 mod harness;
+mod metrics;
 mod model;
 mod process;
 mod properties;

@@ -71,6 +71,9 @@ struct Shared {
     next_seq: AtomicU64,
     /// Group syncs (one `fdatasync` of appended records each) since the log was opened.
     syncs: AtomicU64,
+    /// Records and payload bytes submitted since the log was opened.
+    appended_records: AtomicU64,
+    appended_bytes: AtomicU64,
     /// Set after a failed write or sync: what reached the disk is unknown, so nothing more is
     /// acknowledged until a restart recovers the log.
     failed: AtomicBool,
@@ -106,6 +109,8 @@ impl Wal {
             segments: Mutex::new(segments),
             next_seq: AtomicU64::new(next_seq),
             syncs: AtomicU64::new(0),
+            appended_records: AtomicU64::new(0),
+            appended_bytes: AtomicU64::new(0),
             failed: AtomicBool::new(false),
         });
         let inbox = Arc::new(Inbox::new(next_seq));
@@ -148,7 +153,13 @@ impl Wal {
     pub fn submit(&self, payload: Vec<u8>, announced: Option<InProgress>) -> Result<Submitted> {
         // An announcement of another log is simply dropped (ended) there.
         let release = announced.is_some_and(|mut a| a.take_for(&self.inbox));
-        self.inbox.append(payload, release)
+        let bytes = payload.len() as u64;
+        let submitted = self.inbox.append(payload, release)?;
+        self.shared.appended_records.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .appended_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(submitted)
     }
 
     /// Waits for a submitted record to be durable.
@@ -214,6 +225,15 @@ impl Wal {
     /// [`Wal::bytes`], what the fsync policy costs.
     pub fn syncs(&self) -> u64 {
         self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Records and payload bytes submitted since the log was opened.
+    pub fn appended(&self) -> (u64, u64) {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        (
+            load(&self.shared.appended_records),
+            load(&self.shared.appended_bytes),
+        )
     }
 
     /// Writes announced whose record is not queued yet.
