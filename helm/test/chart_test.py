@@ -11,6 +11,7 @@ with the message of their `# expect:` line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -169,9 +170,16 @@ def check_config(objects: list[dict[str, Any]], binary: str, case: str,
     """The server container's own arguments and environment, with the rendered ConfigMap at
     the path they name, pass `--check-config`."""
     container = server_container(objects)
-    configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
-    failures.check(len(configmaps) == 1, f"{case}: {len(configmaps)} ConfigMaps")
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    configmaps = [o for o in objects
+                  if o["kind"] == "ConfigMap" and mount["subPath"] in o.get("data", {})]
+    failures.check(len(configmaps) == 1, f"{case}: {len(configmaps)} ConfigMaps hold the config")
+    for dashboard in (o for o in objects if o["kind"] == "ConfigMap" and "audience.json" in o["data"]):
+        try:
+            panels = json.loads(dashboard["data"]["audience.json"])["panels"]
+            failures.check(bool(panels), f"{case}: the dashboard has no panels")
+        except (ValueError, KeyError) as error:
+            failures.check(False, f"{case}: the dashboard is not a Grafana dashboard: {error}")
     env = {}
     for var in container.get("env", []):
         env[var["name"]] = var["value"] if "value" in var else SECRET_ENV[var["name"]]
@@ -259,7 +267,8 @@ def rejected(chart: helm.Chart, path: Path, failures: Failures) -> None:
 WHOLE_VALUES = {"config", "resources", "podSecurityContext", "securityContext", "probes.startup",
                 "probes.readiness", "probes.liveness", "nodeSelector", "affinity",
                 "podAnnotations", "podLabels", "serviceAccount.annotations",
-                "service.annotations", "metrics.serviceMonitor.labels"}
+                "service.annotations", "metrics.serviceMonitor.labels",
+                "metrics.dashboard.labels"}
 
 
 def value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:

@@ -157,6 +157,27 @@ async fn metrics_follow_requests_data_log_and_snapshots() {
         1.0
     );
 
+    // Every metric the chart's Grafana dashboard queries is one the server exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/audience/files/dashboard.json"
+    ))
+    .expect("the chart's dashboard");
+    let mut queried = 0;
+    for (at, _) in dashboard.match_indices("audience_") {
+        let name: String = dashboard[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let exported = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            snapshotted.contains(&format!("# TYPE {exported} ")),
+            "the dashboard queries {name}, which the server does not export"
+        );
+        queried += 1;
+    }
+    assert!(queried >= 10, "{queried} metrics queried");
+
     let (status, _) = get(port, "/other");
     assert!(status.contains("404"), "{status}");
     drop(server);
