@@ -26,27 +26,12 @@ impl EngineCollector {
 
 type Result = std::result::Result<(), std::fmt::Error>;
 
-/// One unlabelled series.
-fn gauge(
+/// One unlabelled series (a counter's name gets `_total`).
+fn single(
     encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<Unit>,
-    value: f64,
+    (name, help, unit): (&str, &str, Option<Unit>),
+    metric: impl EncodeMetric,
 ) -> Result {
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, unit.as_ref(), metric.metric_type())?)
-}
-
-/// One unlabelled counter (`_total` is added).
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<Unit>,
-    value: u64,
-) -> Result {
-    let metric = ConstCounter::new(value);
     metric.encode(encoder.encode_descriptor(name, help, unit.as_ref(), metric.metric_type())?)
 }
 
@@ -73,13 +58,10 @@ impl Collector for EngineCollector {
         encode_datasets(&mut encoder, &datasets)?;
         encode_engine(&mut encoder, &self.engine.figures())?;
         if let Some(bytes) = resident_bytes() {
-            gauge(
-                &mut encoder,
-                "process_resident_memory",
-                "Resident set size of the server process",
-                Some(Unit::Bytes),
-                bytes as f64,
-            )?;
+            let name = "process_resident_memory";
+            let help = "Resident set size of the server process";
+            let value = ConstGauge::new(bytes as f64);
+            single(&mut encoder, (name, help, Some(Unit::Bytes)), value)?;
         }
         Ok(())
     }
@@ -175,7 +157,7 @@ fn encode_engine(encoder: &mut DescriptorEncoder, figures: &EngineFigures) -> Re
         ),
     ];
     for (name, help, unit, value) in counters {
-        counter(encoder, name, help, unit, value)?;
+        single(encoder, (name, help, unit), ConstCounter::new(value))?;
     }
     let gauges = [
         (
@@ -216,7 +198,7 @@ fn encode_engine(encoder: &mut DescriptorEncoder, figures: &EngineFigures) -> Re
         ),
     ];
     for (name, help, unit, value) in gauges {
-        gauge(encoder, name, help, unit, value)?;
+        single(encoder, (name, help, unit), ConstGauge::new(value))?;
     }
     Ok(())
 }

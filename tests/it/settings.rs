@@ -228,19 +228,22 @@ fn serve_refuses_the_flags_only_client_commands_read() {
     assert_eq!(beside.code, Some(0), "{}", beside.stderr);
 }
 
+/// The server's certificate, key and token file, none of which exists here.
+const ABSENT_FILES: [&str; 6] = [
+    "--tls-cert",
+    "/absent/tls.crt",
+    "--tls-key",
+    "/absent/tls.key",
+    "--auth-file",
+    "/absent/tokens.toml",
+];
+
 #[test]
 fn security_settings_come_from_flags_and_variables_and_are_checked_without_their_files() {
+    let mut args = ABSENT_FILES.to_vec();
+    args.extend(["--listen", "0.0.0.0:50051"]);
     let config = effective(
-        &[
-            "--tls-cert",
-            "/absent/tls.crt",
-            "--tls-key",
-            "/absent/tls.key",
-            "--auth-file",
-            "/absent/tokens.toml",
-            "--listen",
-            "0.0.0.0:50051",
-        ],
+        &args,
         &[
             ("AUDIENCE_TLS_CLIENT_CA", "/absent/ca.crt"),
             ("AUDIENCE_ALLOW_UNAUTHENTICATED", "true"),
@@ -254,19 +257,9 @@ fn security_settings_come_from_flags_and_variables_and_are_checked_without_their
 
     // A probe of the configuration reads no certificate or token file: a chart renders it
     // where the mounted Secrets are absent.
-    let check = audience(
-        &[
-            "serve",
-            "--check-config",
-            "--tls-cert",
-            "/absent/tls.crt",
-            "--tls-key",
-            "/absent/tls.key",
-            "--auth-file",
-            "/absent/tokens.toml",
-        ],
-        &[],
-    );
+    let mut args = vec!["serve", "--check-config"];
+    args.extend(ABSENT_FILES);
+    let check = audience(&args, &[]);
     assert_eq!(check.code, Some(0), "{}", check.stderr);
 
     let half = audience(
