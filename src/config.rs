@@ -293,6 +293,10 @@ impl Config {
                 "limits.max_page_size must be positive",
             ),
             (
+                limits.max_breakdown_values > 0,
+                "limits.max_breakdown_values must be positive",
+            ),
+            (
                 limits.max_overlap_audiences >= 2,
                 "limits.max_overlap_audiences must be at least 2",
             ),

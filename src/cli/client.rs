@@ -95,8 +95,9 @@ pub async fn run(addr: &str, connect: &ConnectArgs, json: bool, command: Command
                     dataset,
                     audience: Some(text_audience(expr)),
                     as_of: as_of_arg(as_of.as_deref())?,
+                    // `--top` applies to a breakdown only; the server refuses it alone.
+                    breakdown_limit: if by.is_some() { top } else { 0 },
                     breakdown_attribute: by.unwrap_or_default(),
-                    breakdown_limit: top,
                 })
                 .await?
                 .into_inner();

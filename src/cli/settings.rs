@@ -148,6 +148,12 @@ pub struct LimitsArgs {
     /// Ids in one page, sample or export chunk.
     #[arg(long = "limits-max-page-size", env = "AUDIENCE_LIMITS_MAX_PAGE_SIZE")]
     pub max_page_size: Option<usize>,
+    /// The largest `breakdown_limit` of a count.
+    #[arg(
+        long = "limits-max-breakdown-values",
+        env = "AUDIENCE_LIMITS_MAX_BREAKDOWN_VALUES"
+    )]
+    pub max_breakdown_values: Option<usize>,
     /// Audiences in one overlap request (at least 2).
     #[arg(
         long = "limits-max-overlap-audiences",
@@ -248,6 +254,7 @@ mod tests {
                 max_batch_users: 13,
                 max_batch_events: 14,
                 max_page_size: 15,
+                max_breakdown_values: 24,
                 max_overlap_audiences: 16,
                 max_segments: 17,
                 max_open_cursors: 18,

@@ -60,6 +60,12 @@ impl DatasetState {
                 self.delete_segment(id)?;
                 ChangeOutcome::default()
             }
+            Change::PatchSegment(patch) => {
+                return Err(EngineError::Internal(format!(
+                    "the update of segment '{}' was applied before it was resolved",
+                    patch.id
+                )))
+            }
             Change::AdvanceTime => {
                 self.advance_time(now)?;
                 ChangeOutcome::default()
@@ -292,7 +298,7 @@ fn set_value(
         (Attribute::Boolean(a), AttributeValue::Bool(b)) => a.set(id, *b),
         (Attribute::Integer(a), AttributeValue::Int(i)) => a.set(id, *i),
         (Attribute::Float(a), AttributeValue::Float(f)) => a.set(id, checked_float(name, *f)?),
-        (Attribute::Float(a), AttributeValue::Int(i)) => a.set(id, *i as f64),
+        (Attribute::Float(a), AttributeValue::Int(i)) => a.set(id, exact_float(name, *i)?),
         (Attribute::Timestamp(a), AttributeValue::Timestamp(ms) | AttributeValue::Int(ms)) => {
             a.set(id, *ms)
         }
@@ -305,6 +311,21 @@ fn set_value(
         (_, AttributeValue::Timestamp(_)) => return mismatch("a timestamp"),
     }
     Ok(())
+}
+
+/// An integer as a float, refused unless the float holds it exactly (beyond 2^53 most do not,
+/// and a silently rounded amount is a wrong answer later).
+fn exact_float(name: &str, value: i64) -> Result<f64> {
+    let float = value as f64;
+    // Compared in i128: `2^63 as i64` would saturate back to `i64::MAX` and look exact.
+    if float as i128 == i128::from(value) {
+        return Ok(float);
+    }
+    Err(EngineError::kind_mismatch(
+        name,
+        AttributeKind::Float,
+        format!("{value} has no exact float value (integers beyond 2^53 may not)"),
+    ))
 }
 
 /// What a group of user writes touched, by what segment maintenance must re-evaluate.

@@ -34,6 +34,24 @@ pub enum Change {
     AdvanceTime,
     /// Keep events for this many days.
     SetRetention { days: u32 },
+    /// Change the fields of a saved segment given here and keep the others. Merged with the
+    /// version it applies to under the dataset's writer lock, so that concurrent updates do
+    /// not lose each other's labels; logged as the [`Change::UpdateSegment`] it resolves to.
+    #[serde(skip)]
+    PatchSegment(SegmentPatch),
+}
+
+/// The fields of an update of a saved segment; `None` keeps the current value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentPatch {
+    pub id: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Added to the current labels (replacing values of the same keys), or replacing them all.
+    pub labels: BTreeMap<String, String>,
+    pub replace_labels: bool,
+    pub expression: Option<Expr>,
+    pub updated_at: Millis,
 }
 
 /// One behaviour event.

@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::change::SegmentDefinition;
+use super::change::{Change, SegmentDefinition, SegmentPatch};
 use super::error::{EngineError, Result};
 use super::eval::Scope;
+use super::limits::Limits;
 use super::maintenance::Written;
 use super::plan::Binder;
 use super::segment::{validate_segment_id, Segment};
@@ -16,6 +17,56 @@ use crate::time::Millis;
 
 /// The longest chain of SEGMENT references (a segment naming one naming one ...).
 const MAX_REFERENCE_DEPTH: usize = 32;
+
+impl Change {
+    /// The change as it applies to `base`, the version under the dataset's writer lock: a
+    /// patch merged with the segment it patches, and a new segment counted against
+    /// `max_segments`. Checked there, concurrent writers cannot both pass on one old version.
+    ///
+    /// # Errors
+    /// A patch of an unknown segment; one segment too many.
+    pub(super) fn resolve(&self, base: &DatasetState, limits: &Limits) -> Result<Change> {
+        match self {
+            Change::PatchSegment(patch) => Ok(Change::UpdateSegment(merge(base, patch)?)),
+            Change::CreateSegment(definition)
+                if !base.segments.contains_key(&definition.id)
+                    && base.segments.len() >= limits.max_segments =>
+            {
+                Err(EngineError::LimitExceeded {
+                    what: "the number of segments",
+                    actual: base.segments.len() as u64 + 1,
+                    limit: limits.max_segments as u64,
+                })
+            }
+            other => Ok(other.clone()),
+        }
+    }
+}
+
+/// The definition `patch` makes of the segment's current one.
+fn merge(base: &DatasetState, patch: &SegmentPatch) -> Result<SegmentDefinition> {
+    let current = &base.segment(&patch.id)?.definition;
+    let mut labels = match patch.replace_labels {
+        true => BTreeMap::new(),
+        false => current.labels.clone(),
+    };
+    labels.extend(patch.labels.clone());
+    Ok(SegmentDefinition {
+        id: current.id.clone(),
+        name: patch.name.clone().unwrap_or_else(|| current.name.clone()),
+        description: patch
+            .description
+            .clone()
+            .unwrap_or_else(|| current.description.clone()),
+        labels,
+        expression: patch
+            .expression
+            .clone()
+            .unwrap_or_else(|| current.expression.clone()),
+        created_at: current.created_at,
+        updated_at: patch.updated_at,
+    })
+}
 
 impl DatasetState {
     pub(super) fn put_segment(&mut self, definition: SegmentDefinition, now: Millis) -> Result<()> {

@@ -248,7 +248,8 @@ fn now_shift(value: &Value) -> Option<Millis> {
     }
 }
 
-fn is_time_relative(predicate: &Predicate) -> bool {
+/// Whether a predicate's answer depends on the instant it is evaluated at.
+pub(super) fn is_time_relative(predicate: &Predicate) -> bool {
     let now = |v: &Value| matches!(v, Value::Now { .. });
     match predicate {
         Predicate::Did { .. } => true,

@@ -14,6 +14,8 @@ pub struct Limits {
     pub max_batch_events: usize,
     /// Ids in one page, sample or export chunk.
     pub max_page_size: usize,
+    /// Values in one breakdown (`breakdown_limit`).
+    pub max_breakdown_values: usize,
     /// Audiences in one overlap request.
     pub max_overlap_audiences: usize,
     /// Saved segments per dataset.
@@ -43,6 +45,7 @@ impl Default for Limits {
             max_batch_users: 10_000,
             max_batch_events: 100_000,
             max_page_size: 100_000,
+            max_breakdown_values: 1_000,
             max_overlap_audiences: 32,
             max_segments: 10_000,
             max_open_cursors: 1_024,

@@ -59,12 +59,12 @@ pub use crate::index::keys::{validate_key, KeyError};
 pub use crate::index::AttributeKind;
 pub use change::{
     AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome, EventRecord, ImportBatch,
-    SegmentDefinition, UserUpdate,
+    SegmentDefinition, SegmentPatch, UserUpdate,
 };
 pub use durable::{DurableOptions, LoadProgress, LogStats, RecoveryReport, SnapshotReport};
 pub use error::{EngineError, Result};
 pub use limits::Limits;
-pub use query::{AttributeInfo, Audience, CountResult, OverlapResult};
+pub use query::{AsOf, AttributeInfo, Audience, CountResult, OverlapResult};
 pub use replica::{Lag, SharedOptions};
 pub use segment::Segment;
 pub use state::DatasetState;
@@ -133,6 +133,9 @@ pub struct Engine {
     progress: LoadProgress,
     /// Running totals for the metrics exporter.
     counters: stats::Counters,
+    /// Handles of datasets being created by a first write not yet registered, so that
+    /// concurrent first writers (two imports) queue on one writer lock instead of racing.
+    creating: std::sync::Mutex<BTreeMap<String, std::sync::Weak<Dataset>>>,
 }
 
 impl Default for Engine {
@@ -173,6 +176,7 @@ impl Engine {
             journal: std::sync::OnceLock::new(),
             progress: LoadProgress::default(),
             counters: stats::Counters::default(),
+            creating: std::sync::Mutex::default(),
         }
     }
 
@@ -212,7 +216,24 @@ impl Engine {
         match self.dataset(name) {
             Ok(dataset) => Ok((dataset, None)),
             Err(EngineError::DatasetNotFound(_)) => {
-                Ok((Arc::new(Dataset::default()), Some(name.to_owned())))
+                let mut creating = self
+                    .creating
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Forget handles nobody holds, and those of datasets registered since.
+                let registered = self.dataset_names();
+                creating.retain(|name, handle| {
+                    handle.strong_count() > 0 && registered.binary_search(name).is_err()
+                });
+                let handle = match creating.get(name).and_then(std::sync::Weak::upgrade) {
+                    Some(handle) => handle,
+                    None => {
+                        let handle = Arc::new(Dataset::default());
+                        creating.insert(name.to_owned(), Arc::downgrade(&handle));
+                        handle
+                    }
+                };
+                Ok((handle, Some(name.to_owned())))
             }
             Err(other) => Err(other),
         }
@@ -287,7 +308,9 @@ impl Engine {
         let mut conflicts = 0;
         loop {
             let (handle, pending) = match &change {
-                Change::DeleteSegment(_) | Change::DeleteUsers(_) => (self.dataset(name)?, None),
+                Change::DeleteSegment(_) | Change::DeleteUsers(_) | Change::PatchSegment(_) => {
+                    (self.dataset(name)?, None)
+                }
                 _ => self.dataset_or_new(name)?,
             };
             let writer = handle.writer.clone().lock_owned().await;
@@ -299,7 +322,7 @@ impl Engine {
             let mut state = DatasetState::clone(&handle.current());
             let now = self.now();
             let is_delete = matches!(change, Change::DeleteUsers(_));
-            let change = change.clone();
+            let change = change.resolve(&state, &self.limits)?;
             let logged = self.is_durable().then(|| name.to_owned());
             let (state, outcome, bytes) = tokio::task::spawn_blocking(move || {
                 let outcome = state.apply(&change, now)?;
@@ -431,48 +454,44 @@ impl Engine {
         dataset: &str,
         definition: SegmentDefinition,
     ) -> Result<Arc<Segment>> {
-        let current = match self.snapshot(dataset) {
-            Ok(current) => current,
-            Err(EngineError::DatasetNotFound(_)) => Arc::new(DatasetState::default()),
-            Err(other) => return Err(other),
-        };
-        if current.segments.contains_key(&definition.id) {
-            return Err(EngineError::SegmentExists(definition.id));
-        }
-        if current.segments.len() >= self.limits.max_segments {
-            return Err(EngineError::LimitExceeded {
-                what: "the number of segments",
-                actual: current.segments.len() as u64 + 1,
-                limit: self.limits.max_segments as u64,
-            });
-        }
+        // Existence and `max_segments` are checked under the writer lock ([`Change::resolve`]).
         let id = definition.id.clone();
         self.apply(dataset, Change::CreateSegment(definition))
             .await?;
         Ok(self.snapshot(dataset)?.segment(&id)?.clone())
     }
 
-    /// Opens a member listing over one snapshot and returns its first page.
+    /// Opens a member listing of `dataset` over one snapshot and returns its first page.
     ///
     /// # Errors
-    /// As [`DatasetState::select`].
+    /// An invalid dataset name; as [`DatasetState::select`].
     pub fn first_page(
         &self,
+        dataset: &str,
         state: Arc<DatasetState>,
         audience: &Audience,
-        as_of: Millis,
+        as_of: impl Into<query::AsOf>,
         page_size: usize,
     ) -> Result<cursor::Page> {
         let members = state.select(audience, as_of)?;
-        Ok(self.cursors.first_page(state, members, page_size))
+        let listing = cursor::Listing::new(dataset_name(dataset)?, audience, state, members);
+        Ok(self.cursors.first_page(listing, page_size))
     }
 
-    /// The page after `token`, from the listing's own snapshot.
+    /// The page after `token`, from the listing's own snapshot. The token must be one this
+    /// process issued for `dataset` and, when given, `audience`.
     ///
     /// # Errors
-    /// An unknown or expired token.
-    pub fn next_page(&self, token: &str, page_size: usize) -> Result<cursor::Page> {
-        self.cursors.next_page(token, page_size)
+    /// A forged token, or one of another dataset or audience; an unknown or expired one.
+    pub fn next_page(
+        &self,
+        dataset: &str,
+        audience: Option<&Audience>,
+        token: &str,
+        page_size: usize,
+    ) -> Result<cursor::Page> {
+        self.cursors
+            .next_page(dataset_name(dataset)?, audience, token, page_size)
     }
 }
 

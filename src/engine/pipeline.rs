@@ -182,7 +182,8 @@ impl super::Engine {
     ) -> super::Result<super::ChangeOutcome> {
         use super::error::EngineError;
         let mut state = DatasetState::clone(&handle.pipeline.base(|| handle.current()));
-        let (now, dataset, record) = (self.now(), name.to_owned(), change.clone());
+        let record = change.resolve(&state, self.limits())?;
+        let (now, dataset) = (self.now(), name.to_owned());
         let (mut state, outcome, bytes) = tokio::task::spawn_blocking(move || {
             let outcome = state.apply(&record, now)?;
             let bytes = super::record::encode(&super::record::LogRecord {

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::error::{EngineError, Result};
+use super::query::AsOf;
 use super::state::DatasetState;
 use crate::expr::{CompareOp, Expr, Literal, Predicate, Value, Window};
 use crate::index::events::{EventSeries, TimeWindow};
@@ -195,11 +196,30 @@ fn instant(value: &Value, as_of: Millis) -> Result<Millis> {
 pub struct Binder<'a> {
     state: &'a DatasetState,
     as_of: Millis,
+    /// A saved segment whose members depend on time is bound from its definition at `as_of`
+    /// instead of read as materialized (which is at the server's clock).
+    saved_at_as_of: bool,
 }
 
 impl<'a> Binder<'a> {
+    /// A binder that reads saved segments as materialized: for segment maintenance, which
+    /// runs at the server's clock.
     pub fn new(state: &'a DatasetState, as_of: Millis) -> Self {
-        Self { state, as_of }
+        Self {
+            state,
+            as_of,
+            saved_at_as_of: false,
+        }
+    }
+
+    /// A binder for a query at `as_of`: at an instant the caller chose, saved segments that
+    /// move with time are evaluated there, as their definitions say.
+    pub fn at(state: &'a DatasetState, as_of: AsOf) -> Self {
+        Self {
+            state,
+            as_of: as_of.millis(),
+            saved_at_as_of: matches!(as_of, AsOf::At(_)),
+        }
     }
 
     /// Resolves every name and literal of `expr`.
@@ -264,6 +284,10 @@ impl<'a> Binder<'a> {
                     .segments
                     .get(id)
                     .ok_or_else(|| EngineError::SegmentNotFound(id.clone()))?;
+                // References are acyclic and at most 32 deep (see `definitions`).
+                if self.saved_at_as_of && segment.reads.anchored_in_time() {
+                    return self.bind(&segment.definition.expression);
+                }
                 Ok(any_of(vec![segment.members()], false))
             }
             Predicate::IsNull { attribute, negated } => {

@@ -1,7 +1,6 @@
 //! Read-only questions over one snapshot: counts with breakdowns, samples, overlap, per-user
 //! lookups and the schema.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::error::{EngineError, Result};
@@ -9,11 +8,38 @@ use super::eval::Scope;
 use super::plan::Binder;
 use super::state::DatasetState;
 use crate::expr::Expr;
+use crate::expr::Predicate;
 use crate::index::bitmap::{intersect_all, union_all};
 use crate::index::keys::DenseId;
 use crate::index::{Attribute, AttributeKind, Bitmap};
 use crate::rng::SplitMix64;
-use crate::time::{format_rfc3339, Millis};
+use crate::time::Millis;
+
+/// The instant a query anchors `NOW` and relative windows at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// The server's clock: a saved segment is read from its materialized members (kept
+    /// current by writes and the time refresh), at no evaluation cost.
+    Now(Millis),
+    /// An instant the caller chose: a saved segment whose members depend on time (a DID, a
+    /// `NOW` bound, a SEGMENT reference) is evaluated there from its definition.
+    At(Millis),
+}
+
+impl AsOf {
+    pub fn millis(self) -> Millis {
+        match self {
+            AsOf::Now(at) | AsOf::At(at) => at,
+        }
+    }
+}
+
+/// A bare instant is one the caller chose.
+impl From<Millis> for AsOf {
+    fn from(at: Millis) -> Self {
+        AsOf::At(at)
+    }
+}
 
 /// Who to count or list: an expression, or a saved segment's materialized members.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +56,8 @@ pub struct CountResult {
     pub breakdown: Vec<(String, u64)>,
     /// Matching users with no value for the breakdown attribute.
     pub null_count: u64,
-    /// The sum of the counts left out of `breakdown`.
+    /// Matching users holding a value left out of `breakdown`, each counted once (a user of a
+    /// set attribute may hold several, and values in `breakdown` too).
     pub other_count: u64,
 }
 
@@ -60,38 +87,51 @@ impl DatasetState {
     ///
     /// # Errors
     /// Unknown names and mismatched kinds in the expression; an unknown segment.
-    pub fn select(&self, audience: &Audience, as_of: Millis) -> Result<Arc<Bitmap>> {
-        match audience {
-            Audience::Segment(id) => Ok(self.segment(id)?.members()),
-            Audience::Expression(expr) => {
-                let plan = Binder::new(self, as_of).bind(expr)?;
-                Ok(Arc::new(plan.select(Scope::All(&self.live))))
-            }
+    pub fn select(&self, audience: &Audience, as_of: impl Into<AsOf>) -> Result<Arc<Bitmap>> {
+        let as_of = as_of.into();
+        if let Some(segment) = self.materialized(audience, as_of)? {
+            return Ok(segment.members());
         }
+        let plan = Binder::at(self, as_of).bind(&audience_expr(audience))?;
+        Ok(Arc::new(plan.select(Scope::All(&self.live))))
+    }
+
+    /// The saved segment whose materialized members answer for `audience` at `as_of`.
+    fn materialized(
+        &self,
+        audience: &Audience,
+        as_of: AsOf,
+    ) -> Result<Option<&Arc<super::segment::Segment>>> {
+        let Audience::Segment(id) = audience else {
+            return Ok(None);
+        };
+        let segment = self.segment(id)?;
+        let exact = matches!(as_of, AsOf::Now(_)) || !segment.reads.anchored_in_time();
+        Ok(exact.then_some(segment))
     }
 
     /// The number of members, without building the set where the plan allows.
     ///
     /// # Errors
     /// As [`DatasetState::select`].
-    pub fn count(&self, audience: &Audience, as_of: Millis) -> Result<u64> {
-        match audience {
-            Audience::Segment(id) => Ok(self.segment(id)?.size()),
-            Audience::Expression(expr) => {
-                let plan = Binder::new(self, as_of).bind(expr)?;
-                Ok(plan.count(Scope::All(&self.live)))
-            }
+    pub fn count(&self, audience: &Audience, as_of: impl Into<AsOf>) -> Result<u64> {
+        let as_of = as_of.into();
+        if let Some(segment) = self.materialized(audience, as_of)? {
+            return Ok(segment.size());
         }
+        let plan = Binder::at(self, as_of).bind(&audience_expr(audience))?;
+        Ok(plan.count(Scope::All(&self.live)))
     }
 
     /// The count of an audience broken down by the values of one attribute.
     ///
     /// # Errors
-    /// As [`DatasetState::select`], and an unknown breakdown attribute.
+    /// As [`DatasetState::select`], an unknown breakdown attribute, and a numeric one: every
+    /// distinct amount or instant would be a value of its own.
     pub fn count_by(
         &self,
         audience: &Audience,
-        as_of: Millis,
+        as_of: impl Into<AsOf>,
         attribute: &str,
         limit: usize,
     ) -> Result<CountResult> {
@@ -99,11 +139,27 @@ impl DatasetState {
             .attributes
             .get(attribute)
             .ok_or_else(|| EngineError::UnknownAttribute(attribute.to_owned()))?;
+        let value_sets = value_sets(attr).ok_or_else(|| EngineError::InvalidArgument {
+            field: "breakdown_attribute",
+            reason: format!(
+                "'{attribute}' is {}: a breakdown counts users per value of a categorical, set \
+                 or boolean attribute (count numeric ranges with one Count each)",
+                attr.kind().name()
+            ),
+        })?;
         let members = self.select(audience, as_of)?;
-        let mut counts = value_counts(attr, &members);
+        let mut counts: Vec<(String, u64, &Bitmap)> = value_sets
+            .into_iter()
+            .map(|(value, users)| (value, users.intersection_len(&members), users))
+            .filter(|(_, n, _)| *n > 0)
+            .collect();
         counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let other_count = counts.iter().skip(limit).map(|(_, n)| n).sum();
-        counts.truncate(limit);
+        let left_out = counts.split_off(limit.min(counts.len()));
+        // Counted as users, not (user, value) pairs: a user of a set holds several values.
+        let other_count =
+            union_all(left_out.iter().map(|(_, _, users)| *users)).intersection_len(&members);
+        let counts: Vec<(String, u64)> =
+            counts.into_iter().map(|(value, n, _)| (value, n)).collect();
         Ok(CountResult {
             count: members.len(),
             breakdown: counts,
@@ -133,7 +189,8 @@ impl DatasetState {
     ///
     /// # Errors
     /// As [`DatasetState::select`] for any audience.
-    pub fn overlap(&self, audiences: &[Audience], as_of: Millis) -> Result<OverlapResult> {
+    pub fn overlap(&self, audiences: &[Audience], as_of: impl Into<AsOf>) -> Result<OverlapResult> {
+        let as_of = as_of.into();
         let sets = audiences
             .iter()
             .map(|a| self.select(a, as_of))
@@ -232,6 +289,16 @@ impl DatasetState {
     }
 }
 
+/// An audience as an expression (a saved segment as its `SEGMENT` reference).
+fn audience_expr(audience: &Audience) -> std::borrow::Cow<'_, Expr> {
+    match audience {
+        Audience::Expression(expr) => std::borrow::Cow::Borrowed(expr),
+        Audience::Segment(id) => {
+            std::borrow::Cow::Owned(Expr::Predicate(Predicate::Segment { id: id.clone() }))
+        }
+    }
+}
+
 /// A uniformly random sample of `size` members without replacement, reproducible by `seed`,
 /// in id order. Floyd's algorithm picks distinct ranks; `select` maps a rank to its member.
 pub fn sample(members: &Bitmap, size: usize, seed: u64) -> Vec<DenseId> {
@@ -253,41 +320,21 @@ pub fn sample(members: &Bitmap, size: usize, seed: u64) -> Vec<DenseId> {
         .collect()
 }
 
-/// `(value as text, members holding it)` for every value of an attribute held by a member.
-fn value_counts(attr: &Attribute, members: &Bitmap) -> Vec<(String, u64)> {
-    let from_sets = |values: Vec<(&str, &Arc<Bitmap>)>| {
-        values
-            .into_iter()
-            .map(|(v, users)| (v.to_owned(), users.intersection_len(members)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    };
+/// `(value as text, users holding it)` for every value of a categorical, set or boolean
+/// attribute; `None` for a numeric one.
+fn value_sets(attr: &Attribute) -> Option<Vec<(String, &Bitmap)>> {
+    fn owned<'a>(
+        values: impl Iterator<Item = (&'a str, &'a Arc<Bitmap>)>,
+    ) -> Vec<(String, &'a Bitmap)> {
+        values.map(|(v, users)| (v.to_owned(), &**users)).collect()
+    }
     match attr {
-        Attribute::Categorical(a) => from_sets(a.values().collect()),
-        Attribute::Set(a) => from_sets(a.values().collect()),
-        Attribute::Boolean(a) => [(true, &a.true_users), (false, &a.false_users)]
-            .into_iter()
-            .map(|(v, users)| (v.to_string(), users.intersection_len(members)))
-            .filter(|(_, n)| *n > 0)
-            .collect(),
-        Attribute::Integer(c) => {
-            tally(members.iter().filter_map(|id| c.get(id)), |v| v.to_string())
-        }
-        Attribute::Timestamp(c) => tally(members.iter().filter_map(|id| c.get(id)), format_rfc3339),
-        Attribute::Float(c) => tally(
-            members.iter().filter_map(|id| c.get(id).map(f64::to_bits)),
-            |bits| f64::from_bits(bits).to_string(),
-        ),
+        Attribute::Categorical(a) => Some(owned(a.values())),
+        Attribute::Set(a) => Some(owned(a.values())),
+        Attribute::Boolean(a) => Some(vec![
+            (true.to_string(), &*a.true_users),
+            (false.to_string(), &*a.false_users),
+        ]),
+        Attribute::Integer(_) | Attribute::Timestamp(_) | Attribute::Float(_) => None,
     }
-}
-
-fn tally<T: std::hash::Hash + Eq>(
-    values: impl Iterator<Item = T>,
-    text: impl Fn(T) -> String,
-) -> Vec<(String, u64)> {
-    let mut counts: HashMap<T, u64> = HashMap::new();
-    for value in values {
-        *counts.entry(value).or_default() += 1;
-    }
-    counts.into_iter().map(|(v, n)| (text(v), n)).collect()
 }

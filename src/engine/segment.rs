@@ -73,6 +73,9 @@ pub struct SegmentReads {
     attributes: BTreeSet<String>,
     events: BTreeSet<String>,
     segments: BTreeSet<String>,
+    /// The definition has a DID, a `NOW` bound or a SEGMENT reference: its members at an
+    /// `as_of` other than the server's clock may differ from the materialized ones.
+    anchored_in_time: bool,
     /// [`signature`] of the attributes and events: a write whose signature shares no bit with
     /// it reads none of them, found without comparing names (a write asks every segment).
     signature: u64,
@@ -123,7 +126,17 @@ impl SegmentReads {
             }
         }
         reads.signature = signature(&reads.attributes, &reads.events);
+        reads.anchored_in_time = !reads.segments.is_empty()
+            || expression
+                .predicates()
+                .into_iter()
+                .any(super::events::is_time_relative);
         reads
+    }
+
+    /// Whether the members may depend on `as_of` (see the field's comment).
+    pub fn anchored_in_time(&self) -> bool {
+        self.anchored_in_time
     }
 
     /// Whether the definition reads one of `attributes` or `events` (whose [`signature`] is

@@ -103,8 +103,18 @@ impl Engine {
     /// # Errors
     /// An invalid dataset name.
     pub async fn begin_import(self: &Arc<Self>, dataset: &str) -> Result<Import> {
-        let (handle, pending) = self.dataset_or_new(dataset)?;
-        let guard = handle.writer.clone().lock_owned().await;
+        let (mut handle, mut pending) = self.dataset_or_new(dataset)?;
+        let mut guard = handle.writer.clone().lock_owned().await;
+        // Another first write may have created the dataset while this one queued: continue on
+        // the registered dataset instead of racing to register it again.
+        if let (Some(_), Ok(registered)) = (&pending, self.dataset(dataset)) {
+            pending = None;
+            if !Arc::ptr_eq(&registered, &handle) {
+                drop(guard);
+                handle = registered;
+                guard = handle.writer.clone().lock_owned().await;
+            }
+        }
         // Writes still being made durable publish first: the import starts from the newest.
         handle.pipeline.drain().await;
         let state = DatasetState::clone(&handle.current());

@@ -10,7 +10,7 @@ use super::pb;
 use super::status::invalid;
 use crate::engine::AttributeKind;
 use crate::engine::{
-    AttributeChange, AttributeValue, Audience, ChangeOp, Engine, EventRecord, UserUpdate,
+    AsOf, AttributeChange, AttributeValue, Audience, ChangeOp, Engine, EventRecord, UserUpdate,
 };
 use crate::expr::{
     CompareOp, Duration, DurationUnit, Expr, Literal, Predicate, SignedDuration, Value, Window,
@@ -38,9 +38,12 @@ pub fn timestamp(millis: Millis) -> Timestamp {
     }
 }
 
-/// `as_of`, defaulting to the engine's clock.
-pub fn as_of(engine: &Engine, ts: Option<&Timestamp>) -> Result<Millis, Status> {
-    Ok(millis_from(ts, "as_of")?.unwrap_or_else(|| engine.now()))
+/// `as_of`: the instant given, or the engine's clock (saved segments read as materialized).
+pub fn as_of(engine: &Engine, ts: Option<&Timestamp>) -> Result<AsOf, Status> {
+    Ok(match millis_from(ts, "as_of")? {
+        Some(at) => AsOf::At(at),
+        None => AsOf::Now(engine.now()),
+    })
 }
 
 /// An expression message (text or tree), checked against the engine's limits.

@@ -18,8 +18,6 @@ use crate::engine::{Engine, EngineError};
 const DEFAULT_CHUNK: usize = 10_000;
 /// Ids per page when the caller does not say.
 const DEFAULT_PAGE: usize = 1_000;
-/// Breakdown values returned when the caller does not say.
-const DEFAULT_BREAKDOWN: usize = 20;
 /// Export messages buffered ahead of a slow reader.
 const EXPORT_BUFFER: usize = 4;
 
@@ -54,6 +52,29 @@ impl QueryApi {
     }
 }
 
+impl QueryApi {
+    /// A breakdown's `breakdown_limit`: 1 to the engine's limit, and only with an attribute.
+    fn breakdown_limit(&self, request: &pb::CountRequest) -> Result<usize, Status> {
+        let limit = self.engine.limits().max_breakdown_values;
+        match (
+            request.breakdown_attribute.is_empty(),
+            request.breakdown_limit as usize,
+        ) {
+            (true, 0) => Ok(0),
+            (true, _) => Err(invalid(
+                "breakdown_limit",
+                "is set without a breakdown_attribute",
+            )),
+            (false, 0) => Err(invalid("breakdown_limit", "must be at least 1")),
+            (false, n) if n > limit => Err(invalid(
+                "breakdown_limit",
+                format!("{n} is more than the limit of {limit} (limits.max_breakdown_values)"),
+            )),
+            (false, n) => Ok(n),
+        }
+    }
+}
+
 type ExportStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportMembersResponse, Status>> + Send>>;
 
@@ -69,10 +90,7 @@ impl pb::query_service_server::QueryService for QueryApi {
         let engine = self.engine.clone();
         let audience = audience(&engine, request.audience.as_ref(), "audience")?;
         let as_of = as_of(&engine, request.as_of.as_ref())?;
-        let limit = match request.breakdown_limit {
-            0 => DEFAULT_BREAKDOWN,
-            n => n as usize,
-        };
+        let limit = self.breakdown_limit(&request)?;
         let state = engine
             .snapshot(&request.dataset)
             .map_err(|e| to_status(e, "dataset"))?;
@@ -88,7 +106,10 @@ impl pb::query_service_server::QueryService for QueryApi {
             }
             let result = state
                 .count_by(&audience, as_of, &request.breakdown_attribute, limit)
-                .map_err(|e| to_status(e, "audience"))?;
+                .map_err(|e| match e {
+                    EngineError::InvalidArgument { .. } => to_status(e, ""),
+                    e => to_status(e, "audience"),
+                })?;
             Ok(Response::new(pb::CountResponse {
                 count: result.count,
                 breakdown: result
@@ -120,15 +141,28 @@ impl pb::query_service_server::QueryService for QueryApi {
                 .map_err(|e| to_status(e, "dataset"))?;
             blocking(move || {
                 engine
-                    .first_page(state, &audience, as_of, size)
+                    .first_page(&request.dataset, state, &audience, as_of, size)
                     .map_err(|e| to_status(e, "audience"))
             })
             .await?
         } else {
+            // A later page may repeat the audience; the token must then be of that audience.
+            let audience = match request.audience.as_ref() {
+                Some(given) => Some(audience(&engine, Some(given), "audience")?),
+                None => None,
+            };
             blocking(move || {
                 engine
-                    .next_page(&request.page_token, size)
-                    .map_err(|e| to_status(e, "page_token"))
+                    .next_page(
+                        &request.dataset,
+                        audience.as_ref(),
+                        &request.page_token,
+                        size,
+                    )
+                    .map_err(|e| match e {
+                        EngineError::InvalidArgument { .. } => to_status(e, ""),
+                        e => to_status(e, "page_token"),
+                    })
             })
             .await?
         };

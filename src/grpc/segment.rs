@@ -9,7 +9,7 @@ use super::convert::{expression, labels, segment_to_proto};
 use super::pb;
 use super::status::{invalid, to_status};
 use super::Services;
-use crate::engine::{Change, Engine, SegmentDefinition};
+use crate::engine::{Change, Engine, EngineError, SegmentDefinition, SegmentPatch};
 
 /// The segment service.
 #[derive(Debug, Clone)]
@@ -124,40 +124,34 @@ impl pb::segment_service_server::SegmentService for SegmentApi {
         authorize(&request, &request.get_ref().dataset)?;
         let request = request.into_inner();
         required_id(&request.segment_id)?;
-        let state = self
-            .engine
-            .snapshot(&request.dataset)
-            .map_err(|e| to_status(e, "dataset"))?;
-        let current = state
-            .segment(&request.segment_id)
-            .map_err(|e| to_status(e, "segment_id"))?
-            .definition
-            .clone();
         let expression = match request.expression.as_ref() {
-            Some(_) => expression(&self.engine, request.expression.as_ref(), "expression")?,
-            None => current.expression.clone(),
+            Some(_) => Some(expression(
+                &self.engine,
+                request.expression.as_ref(),
+                "expression",
+            )?),
+            None => None,
         };
-        let mut merged_labels = if request.replace_labels {
-            Default::default()
-        } else {
-            current.labels.clone()
-        };
-        merged_labels.extend(labels(&request.labels));
-        let definition = SegmentDefinition {
-            id: current.id.clone(),
-            name: request.name.unwrap_or_else(|| current.name.clone()),
-            description: request
-                .description
-                .unwrap_or_else(|| current.description.clone()),
-            labels: merged_labels,
+        // Merged with the current definition under the dataset's writer lock, not here.
+        let patch = SegmentPatch {
+            id: request.segment_id.clone(),
+            name: request.name,
+            description: request.description,
+            labels: labels(&request.labels),
+            replace_labels: request.replace_labels,
             expression,
-            created_at: current.created_at,
             updated_at: self.engine.now(),
         };
         self.engine
-            .apply(&request.dataset, Change::UpdateSegment(definition))
+            .apply(&request.dataset, Change::PatchSegment(patch))
             .await
-            .map_err(|e| to_status(e, "expression"))?;
+            .map_err(|e| match e {
+                EngineError::DatasetNotFound(_) => to_status(e, "dataset"),
+                EngineError::SegmentNotFound(ref id) if *id == request.segment_id => {
+                    to_status(e, "segment_id")
+                }
+                e => to_status(e, "expression"),
+            })?;
         let segment = self.current(&request.dataset, &request.segment_id)?;
         Ok(Response::new(pb::UpdateSegmentResponse {
             segment: Some(segment),

@@ -126,6 +126,7 @@ async fn names_and_kinds_are_checked_against_the_dataset() {
         .count(pb::CountRequest {
             audience: text("age > 1"),
             breakdown_attribute: "colour".into(),
+            breakdown_limit: 5,
             ..Default::default()
         })
         .await

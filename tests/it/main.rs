@@ -21,3 +21,4 @@ mod properties_events;
 mod replicas;
 mod security;
 mod settings;
+mod wrong_answers;

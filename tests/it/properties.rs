@@ -466,14 +466,14 @@ proptest! {
         let state = Arc::new(state);
         let audience = Audience::Expression(expr.clone());
         let mut listed = Vec::new();
-        let mut next = engine.first_page(state.clone(), &audience, AS_OF, page).unwrap();
+        let mut next = engine.first_page("default", state.clone(), &audience, AS_OF, page).unwrap();
         loop {
             prop_assert!(next.user_ids.len() <= page);
             listed.extend(next.user_ids.clone());
             if next.next_token.is_empty() {
                 break;
             }
-            next = engine.next_page(&next.next_token, page).unwrap();
+            next = engine.next_page("default", None, &next.next_token, page).unwrap();
         }
         let unique: BTreeSet<String> = listed.iter().cloned().collect();
         prop_assert_eq!(unique.len(), listed.len(), "duplicates in pages");
