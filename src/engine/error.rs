@@ -40,6 +40,10 @@ pub enum EngineError {
     ExpressionTooDeep { depth: usize, limit: usize },
     #[error("expression: {error}, over the limit of {limit}")]
     TextTooDeep { error: ParseError, limit: usize },
+    #[error(
+        "expression: {error} (at most {per_node} tokens per node of limits.max_expression_nodes)"
+    )]
+    TextTooLong { error: ParseError, per_node: usize },
     #[error("segment '{0}' not found")]
     SegmentNotFound(String),
     #[error("segment '{0}' already exists")]

@@ -4,7 +4,8 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Nodes in one expression.
+    /// Nodes in one expression, each value of an `IN`/`HAS ANY`/`HAS ALL` list counted as one;
+    /// a text may hold 16 tokens per node, and is not read past that.
     pub max_expression_nodes: usize,
     /// Nesting depth of one expression.
     pub max_expression_depth: usize,

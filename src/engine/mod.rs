@@ -120,6 +120,11 @@ impl Dataset {
     }
 }
 
+/// Tokens a text may hold per node of `max_expression_nodes` (the longest predicate,
+/// `DID "e" AT LEAST 3 TIMES IN LAST 7d`, has 9; a list literal 2): the parser stops reading past
+/// that, so a 64 MiB text costs what its first tokens cost.
+const TOKENS_PER_NODE: usize = 16;
+
 /// Every dataset of one service.
 #[derive(Debug)]
 pub struct Engine {
@@ -274,16 +279,22 @@ impl Engine {
     /// # Errors
     /// A syntax error with its position, or an expression over a limit.
     pub fn parse(&self, text: &str) -> Result<Expr> {
-        let expr =
-            crate::expr::parse_with_limit(text, self.limits.max_expression_depth).map_err(|e| {
-                match e.too_deep {
-                    true => EngineError::TextTooDeep {
-                        error: e,
-                        limit: self.limits.max_expression_depth,
-                    },
-                    false => EngineError::Parse(e),
-                }
-            })?;
+        let max_tokens = self
+            .limits
+            .max_expression_nodes
+            .saturating_mul(TOKENS_PER_NODE);
+        let expr = crate::expr::parse_bounded(text, self.limits.max_expression_depth, max_tokens)
+            .map_err(|e| match (e.too_deep, e.too_long) {
+            (true, _) => EngineError::TextTooDeep {
+                error: e,
+                limit: self.limits.max_expression_depth,
+            },
+            (_, true) => EngineError::TextTooLong {
+                error: e,
+                per_node: TOKENS_PER_NODE,
+            },
+            _ => EngineError::Parse(e),
+        })?;
         self.check_expression(&expr)?;
         Ok(expr)
     }

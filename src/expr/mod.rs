@@ -12,7 +12,7 @@
 pub mod parse;
 pub mod print;
 
-pub use parse::{parse, parse_with_limit, ParseError, DEFAULT_MAX_DEPTH};
+pub use parse::{parse, parse_bounded, parse_with_limit, ParseError, DEFAULT_MAX_DEPTH};
 
 /// A boolean expression over one dataset's users.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -190,13 +190,19 @@ impl Expr {
         }
     }
 
-    /// The number of nodes in the tree.
+    /// The number of nodes in the tree, each literal of an `IN`, `HAS ANY` or `HAS ALL` list
+    /// counted as one: a list of a million values costs what a million predicates cost.
     pub fn size(&self) -> usize {
         match self {
             Expr::And(children) | Expr::Or(children) => {
                 1 + children.iter().map(Expr::size).sum::<usize>()
             }
             Expr::Not(child) => 1 + child.size(),
+            Expr::Predicate(
+                Predicate::In { values, .. }
+                | Predicate::HasAny { values, .. }
+                | Predicate::HasAll { values, .. },
+            ) => 1 + values.len(),
             Expr::Predicate(_) => 1,
         }
     }

@@ -22,6 +22,9 @@ pub struct ParseError {
     pub message: String,
     /// The text nests deeper than the limit: a size limit hit, not a syntax error.
     pub too_deep: bool,
+    /// The text holds more tokens than the limit: a size limit hit, found before the rest of
+    /// the text is read.
+    pub too_long: bool,
 }
 
 /// Parses `text` with the [`DEFAULT_MAX_DEPTH`] nesting limit.
@@ -35,7 +38,13 @@ pub fn parse(text: &str) -> Result<Expr, ParseError> {
 /// text of any tree with `depth() <= max_depth + 1` stays within the limit. Each level costs a
 /// few KiB of stack in debug builds, so keep `max_depth` in the low hundreds at most.
 pub fn parse_with_limit(text: &str, max_depth: usize) -> Result<Expr, ParseError> {
-    let (tokens, end) = Lexer::new(text).run();
+    parse_bounded(text, max_depth, usize::MAX)
+}
+
+/// [`parse_with_limit`] that also stops reading after `max_tokens` tokens, so that a huge text
+/// costs what its first `max_tokens` tokens cost, not a token list of the whole text.
+pub fn parse_bounded(text: &str, max_depth: usize, max_tokens: usize) -> Result<Expr, ParseError> {
+    let (tokens, end) = Lexer::new(text).run(max_tokens)?;
     Parser {
         src: text,
         tokens,
@@ -62,6 +71,7 @@ impl Pos {
             column: self.column,
             message: message.into(),
             too_deep: false,
+            too_long: false,
         }
     }
 }
@@ -184,12 +194,19 @@ impl<'a> Lexer<'a> {
     }
 
     /// All tokens, then the final `End` or `Error` token kept apart so it can be returned forever.
-    fn run(mut self) -> (Vec<Token>, Token) {
+    fn run(mut self, max_tokens: usize) -> Result<(Vec<Token>, Token), ParseError> {
         let mut tokens = Vec::new();
         loop {
             let token = self.token();
             if matches!(token.tok, Tok::End | Tok::Error(_)) {
-                return (tokens, token);
+                return Ok((tokens, token));
+            }
+            if tokens.len() == max_tokens {
+                let message = format!("expression is longer than {max_tokens} tokens");
+                return Err(ParseError {
+                    too_long: true,
+                    ..token.start.error(message)
+                });
             }
             tokens.push(token);
         }
@@ -1354,6 +1371,22 @@ mod tests {
         );
         assert!(parse_with_limit("a = 1", 0).is_ok());
         assert!(parse_with_limit("NOT a = 1", 0).is_err());
+    }
+
+    #[test]
+    fn token_limit_allows_exactly_the_limit_and_stops_reading_past_it() {
+        // `a IN (1, 2)`: 7 tokens.
+        assert!(parse_bounded("a IN (1, 2)", 8, 7).is_ok());
+        let error = parse_bounded("a IN (1, 2)", 8, 6).unwrap_err();
+        assert!(error.too_long && !error.too_deep, "{error:?}");
+        assert!(
+            error.message.contains("longer than 6 tokens"),
+            "{}",
+            error.message
+        );
+        // A syntax error past the limit is never reached: the limit is what is reported.
+        let hostile = format!("a IN ({}", "1, ".repeat(1_000_000));
+        assert!(parse_bounded(&hostile, 8, 100).unwrap_err().too_long);
     }
 
     #[test]

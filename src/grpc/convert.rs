@@ -61,7 +61,16 @@ pub fn expression(
                 .parse(text)
                 .map_err(|e| super::status::to_status(e, &format!("{field}.text")))
         }
-        pb::expression::Kind::Tree(node) => node_to_expr(node, &format!("{field}.tree"))?,
+        pb::expression::Kind::Tree(node) => {
+            let limit = engine.limits().max_expression_nodes;
+            if let Some(size) = tree_exceeds(node, limit) {
+                return Err(Status::resource_exhausted(format!(
+                    "{field}.tree: expression has at least {size} nodes (list values count one \
+                     each), over the limit of {limit}"
+                )));
+            }
+            node_to_expr(node, &format!("{field}.tree"))?
+        }
     };
     engine
         .check_expression(&expr)
@@ -97,6 +106,30 @@ fn required_attribute(name: &str, field: &str) -> Result<String, Status> {
     } else {
         Ok(name.to_owned())
     }
+}
+
+/// The size a tree reached once past `limit` nodes (`None`: within it), list values counted one each as
+/// [`Expr::size`] counts them: walked before converting, and only until past the limit, so that
+/// a huge tree is refused for what its first nodes cost.
+fn tree_exceeds(root: &pb::Node, limit: usize) -> Option<usize> {
+    use pb::node::Node as N;
+    let mut pending = vec![root];
+    let mut size = 0usize;
+    while let Some(node) = pending.pop() {
+        size += 1;
+        match &node.node {
+            Some(N::And(list) | N::Or(list)) => pending.extend(&list.nodes),
+            Some(N::Not(child)) => pending.push(child),
+            Some(N::In(p)) => size += p.values.len(),
+            Some(N::HasAny(p)) => size += p.values.len(),
+            Some(N::HasAll(p)) => size += p.values.len(),
+            _ => {}
+        }
+        if size > limit {
+            return Some(size);
+        }
+    }
+    None
 }
 
 /// A tree node. Recursion is bounded by prost's decoding depth limit (100 levels).

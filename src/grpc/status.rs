@@ -18,7 +18,8 @@ pub fn code_of(error: &EngineError) -> Code {
         EngineError::LimitExceeded { .. }
         | EngineError::ExpressionTooLarge { .. }
         | EngineError::ExpressionTooDeep { .. }
-        | EngineError::TextTooDeep { .. } => Code::ResourceExhausted,
+        | EngineError::TextTooDeep { .. }
+        | EngineError::TextTooLong { .. } => Code::ResourceExhausted,
         EngineError::InvalidRecord { reason, .. } => code_of(reason),
         EngineError::Key(crate::engine::KeyError::Exhausted(_)) => Code::ResourceExhausted,
         EngineError::InvalidDatasetName(_)

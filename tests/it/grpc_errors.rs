@@ -393,6 +393,48 @@ async fn expressions_over_the_node_limit_are_resource_exhausted() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn list_values_count_against_the_node_limit_and_huge_texts_stop_early() {
+    let server = TestServer::start_with(ServerOptions::default().limits(small_limits())).await;
+    load_people(&server, "", &people(20)).await;
+    let ages = |n: i64| -> Vec<pb::Literal> { (0..n).map(|k| i(20 + k)).collect() };
+    let listed = |n: i64| -> String {
+        let values: Vec<String> = (0..n).map(|k| (20 + k).to_string()).collect();
+        format!("age IN ({})", values.join(", "))
+    };
+    // A predicate and 9 values: 10 nodes, the limit.
+    count(&server, "", text(&listed(9))).await;
+    count(&server, "", tree(node::in_("age", ages(9)))).await;
+    let status = count_status(&server, text(&listed(10))).await;
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["audience.expression.text", "11 nodes", "limit of 10"],
+    );
+    let status = count_status(&server, tree(node::in_("age", ages(10)))).await;
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["audience.expression.tree", "11 nodes", "limit of 10"],
+    );
+    // 4 MB of list: refused by its first 160 tokens (16 per node), whatever follows.
+    let huge = format!("age IN ({}1)", "1, ".repeat(1_400_000));
+    let status = count_status(&server, text(&huge)).await;
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["audience.expression.text", "longer than 160 tokens"],
+    );
+    let status = count_status(&server, tree(node::in_("age", ages(200_000)))).await;
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["audience.expression.tree", "limit of 10"],
+    );
+    assert_still_serving(&server).await;
+    server.shutdown().await;
+}
+
 fn nested_nots(depth: usize) -> pb::Node {
     let mut tree = node::compare("age", CompareOp::Gt, lit(i(1)));
     for _ in 1..depth {
