@@ -303,7 +303,7 @@ fn bench_import(c: &mut Criterion, rows: u64) {
                 let source = open_file(&path, 64 * 1024).expect("open");
                 let mut fresh = DatasetState::default();
                 // What the server's file import does with the row count Parquet declares.
-                fresh.reserve_users(source.total_rows.unwrap_or(0) as usize);
+                fresh.reserve_users(source.reservable_rows as usize);
                 import(&mut fresh, source.batches.map(|b| b.expect("batch")));
                 black_box(Arc::new(fresh))
             })

@@ -73,8 +73,54 @@ fn is_string_dictionary(item: &Field) -> bool {
     matches!(item.data_type(), DataType::Dictionary(_, v) if is_string(v))
 }
 
+/// How much larger than the buffers it arrived in a view column may grow when cast to plain
+/// offsets (views may share bytes: repeated long strings legitimately expand), and the growth
+/// always allowed.
+const VIEW_EXPANSION: u64 = 8;
+const VIEW_EXPANSION_FREE: u64 = 64 << 20;
+
+/// Refuses a view column (`Utf8View`, `ListView`) whose cast would materialize far more than
+/// was received: the cast reserves what the views declare, and overlapping views of a few MiB
+/// can declare terabytes.
+fn check_view_expansion(column: &str, array: &dyn Array) -> Result<()> {
+    let (declared, received) = match array.data_type() {
+        DataType::Utf8View => {
+            let views = array.as_string_view();
+            let declared: u64 = views.views().iter().map(|&v| u64::from(v as u32)).sum();
+            let received = views.data_buffers().iter().map(|b| b.len() as u64).sum();
+            (declared, received)
+        }
+        DataType::ListView(_) => {
+            let lists = array.as_list_view::<i32>();
+            check_view_expansion(column, lists.values().as_ref())?;
+            let declared: u64 = lists.sizes().iter().map(|&n| n.max(0) as u64).sum();
+            let width = lists.values().get_buffer_memory_size() as u64;
+            let items = (lists.values().len() as u64).max(1);
+            // In bytes of the child values, so that one budget covers both kinds.
+            (declared.saturating_mul(width.div_ceil(items)), width)
+        }
+        DataType::Dictionary(_, _) => match array.as_any_dictionary_opt() {
+            Some(dictionary) => return check_view_expansion(column, dictionary.values().as_ref()),
+            None => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    let allowed = received
+        .saturating_mul(VIEW_EXPANSION)
+        .saturating_add(VIEW_EXPANSION_FREE);
+    if declared > allowed {
+        return Err(EngineError::Import(format!(
+            "column '{column}': its views declare {declared} bytes from {received} bytes \
+             received; more than {VIEW_EXPANSION}× plus {} MiB is refused",
+            VIEW_EXPANSION_FREE >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// Casts that fail on overflow instead of turning the value into a null.
 pub(super) fn strict_cast(column: &str, array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+    check_view_expansion(column, array.as_ref())?;
     let options = CastOptions {
         safe: false,
         ..Default::default()
@@ -342,8 +388,13 @@ fn categorical_codes(
 pub struct BatchSource {
     /// The batches, read lazily.
     pub batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
-    /// Rows in the whole source when the format says (Parquet), else `None`.
+    /// Rows in the whole source when the format says (Parquet), else `None`: for progress only,
+    /// as a footer can claim any count.
     pub total_rows: Option<u64>,
+    /// Users it is safe to make room for before reading: the claimed rows, at most one per byte
+    /// of the file (a hash table sized by a forged footer would be the largest allocation of
+    /// the import, made before a single row is read).
+    pub reservable_rows: u64,
 }
 
 /// Opens `path` by its extension: `.parquet`, or `.arrow`/`.arrows`/`.ipc` (file or stream).
@@ -368,6 +419,7 @@ pub fn read_file(file: File, path: &Path, batch_rows: usize) -> Result<BatchSour
         .to_ascii_lowercase();
     match extension.as_str() {
         "parquet" | "pq" => {
+            let bytes = file.metadata().map_err(EngineError::ImportIo)?.len();
             let builder =
                 parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?;
             let total_rows = u64::try_from(builder.metadata().file_metadata().num_rows()).ok();
@@ -375,6 +427,7 @@ pub fn read_file(file: File, path: &Path, batch_rows: usize) -> Result<BatchSour
             Ok(BatchSource {
                 batches: Box::new(reader.map(|b| b.map_err(EngineError::from))),
                 total_rows,
+                reservable_rows: total_rows.unwrap_or(0).min(bytes),
             })
         }
         "arrow" | "arrows" | "ipc" | "feather" => open_ipc(file),
@@ -394,16 +447,104 @@ fn open_ipc(mut file: File) -> Result<BatchSource> {
         .map_err(EngineError::ImportIo)?;
     if is_file_format {
         let reader = arrow_ipc::reader::FileReader::try_new(file, None)?;
-        let total_rows = None;
         Ok(BatchSource {
             batches: Box::new(reader.map(|b| b.map_err(EngineError::from))),
-            total_rows,
+            total_rows: None,
+            reservable_rows: 0,
         })
     } else {
         let reader = arrow_ipc::reader::StreamReader::try_new(std::io::BufReader::new(file), None)?;
         Ok(BatchSource {
             batches: Box::new(reader.map(|b| b.map_err(EngineError::from))),
             total_rows: None,
+            reservable_rows: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::builder::StringViewBuilder;
+    use arrow_array::ListViewArray;
+    use arrow_buffer::{Buffer, ScalarBuffer};
+    use arrow_schema::Field;
+
+    use super::*;
+
+    /// `rows` views of the same `len` bytes of one block.
+    fn overlapping_views(rows: usize, len: usize) -> ArrayRef {
+        let mut builder = StringViewBuilder::new();
+        let block = builder.append_block(Buffer::from(vec![b'x'; len]));
+        for _ in 0..rows {
+            builder
+                .try_append_view(block, 0, len as u32)
+                .expect("a view of the block");
+        }
+        Arc::new(builder.finish())
+    }
+
+    #[test]
+    fn overlapping_string_views_are_refused_before_the_cast_reserves_them() {
+        // 1 MiB received, 4 GiB declared.
+        let array = overlapping_views(4_096, 1 << 20);
+        let error = strict_cast("city", &array, &DataType::Utf8).unwrap_err();
+        assert!(
+            error.to_string().contains("column 'city'") && error.to_string().contains("declare"),
+            "{error}"
+        );
+        // Repeated long strings that expand within the budget still import.
+        let modest = overlapping_views(64, 1 << 16);
+        let cast = strict_cast("city", &modest, &DataType::Utf8).expect("within the budget");
+        assert_eq!(cast.as_string::<i32>().value(63).len(), 1 << 16);
+    }
+
+    #[test]
+    fn a_parquet_footer_sizes_no_reservation_beyond_the_file() {
+        // 200,000 rows of one repeated id encode in a few KiB: the claimed count is real, but
+        // only as many users as bytes are made room for.
+        let path =
+            std::env::temp_dir().join(format!("audience-reserve-{}.parquet", std::process::id()));
+        let ids: ArrayRef = Arc::new(StringArray::from(vec!["same-user"; 200_000]));
+        let batch = RecordBatch::try_from_iter([("user_id", ids)]).expect("batch");
+        let file = File::create(&path).expect("create");
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let bytes = std::fs::metadata(&path).expect("metadata").len();
+        let source = open_file(&path, 8_192).expect("open");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(source.total_rows, Some(200_000));
+        assert!(bytes < 200_000, "{bytes} bytes");
+        assert_eq!(source.reservable_rows, bytes);
+    }
+
+    #[test]
+    fn overlapping_list_views_are_refused() {
+        let values: ArrayRef = Arc::new(StringArray::from(vec!["sports"; 1_000]));
+        let rows = 200_000;
+        let field = Arc::new(Field::new_list_field(DataType::Utf8, true));
+        let lists = ListViewArray::new(
+            field.clone(),
+            ScalarBuffer::from(vec![0i32; rows]),
+            ScalarBuffer::from(vec![1_000i32; rows]),
+            values.clone(),
+            None,
+        );
+        let array: ArrayRef = Arc::new(lists);
+        let error = strict_cast("interests", &array, &DataType::List(field.clone())).unwrap_err();
+        assert!(error.to_string().contains("column 'interests'"), "{error}");
+        let small = ListViewArray::new(
+            field.clone(),
+            ScalarBuffer::from(vec![0i32, 500]),
+            ScalarBuffer::from(vec![500i32, 500]),
+            values,
+            None,
+        );
+        let small: ArrayRef = Arc::new(small);
+        let cast = strict_cast("interests", &small, &DataType::List(field)).expect("no expansion");
+        assert_eq!(cast.as_list::<i32>().value(1).len(), 500);
     }
 }

@@ -99,7 +99,7 @@ impl ImportRun {
         engine: &Arc<Engine>,
         dataset: &str,
         kind: ImportKind,
-        rows_total: u64,
+        (rows_total, reservable): (u64, u64),
         progress: ProgressSender,
     ) -> Result<Self, Status> {
         let mut import = engine
@@ -107,7 +107,7 @@ impl ImportRun {
             .await
             .map_err(|e| to_status(e, "dataset"))?;
         if matches!(kind, ImportKind::Users { .. }) {
-            import.reserve(rows_total);
+            import.reserve(reservable);
         }
         Ok(Self {
             import,
@@ -175,7 +175,7 @@ async fn import_stream<M>(
     chunk_of: fn(M) -> Vec<u8>,
     progress: ProgressSender,
 ) -> Result<(), Status> {
-    let mut run = ImportRun::start(&engine, &dataset, kind, 0, progress).await?;
+    let mut run = ImportRun::start(&engine, &dataset, kind, (0, 0), progress).await?;
     let mut decoder = arrow_ipc::reader::StreamDecoder::new();
     let mut chunk = Some(first_chunk);
     let idle = Duration::from_secs(engine.limits().import_idle_secs);
@@ -231,8 +231,8 @@ async fn import_file(
     (dataset, source, kind): (String, BatchSource, ImportKind),
     progress: ProgressSender,
 ) -> Result<(), Status> {
-    let total = source.total_rows.unwrap_or(0);
-    let mut run = ImportRun::start(&engine, &dataset, kind, total, progress).await?;
+    let sizes = (source.total_rows.unwrap_or(0), source.reservable_rows);
+    let mut run = ImportRun::start(&engine, &dataset, kind, sizes, progress).await?;
     let mut batches = source.batches;
     loop {
         let (next, rest) = tokio::task::spawn_blocking(move || (batches.next(), batches))
