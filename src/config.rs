@@ -305,6 +305,10 @@ impl Config {
                 "limits.max_segments must be positive",
             ),
             (
+                limits.max_datasets > 0,
+                "limits.max_datasets must be positive",
+            ),
+            (
                 limits.max_open_cursors > 0,
                 "limits.max_open_cursors must be positive",
             ),

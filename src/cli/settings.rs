@@ -163,6 +163,9 @@ pub struct LimitsArgs {
     /// Saved segments per dataset.
     #[arg(long = "limits-max-segments", env = "AUDIENCE_LIMITS_MAX_SEGMENTS")]
     pub max_segments: Option<usize>,
+    /// Datasets of the server.
+    #[arg(long = "limits-max-datasets", env = "AUDIENCE_LIMITS_MAX_DATASETS")]
+    pub max_datasets: Option<usize>,
     /// Open member listings kept for their next page.
     #[arg(
         long = "limits-max-open-cursors",
@@ -257,6 +260,7 @@ mod tests {
                 max_breakdown_values: 24,
                 max_overlap_audiences: 16,
                 max_segments: 17,
+                max_datasets: 25,
                 max_open_cursors: 18,
                 cursor_ttl_secs: 19,
                 import_idle_secs: 20,

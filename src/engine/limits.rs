@@ -21,6 +21,9 @@ pub struct Limits {
     pub max_overlap_audiences: usize,
     /// Saved segments per dataset.
     pub max_segments: usize,
+    /// Datasets of the server: each has its own writer, log and watch history, so a caller
+    /// writing to ever new names must not create them without bound.
+    pub max_datasets: usize,
     /// Open member listings kept for their next page.
     pub max_open_cursors: usize,
     /// Seconds an unused listing is kept.
@@ -49,6 +52,7 @@ impl Default for Limits {
             max_breakdown_values: 1_000,
             max_overlap_audiences: 32,
             max_segments: 10_000,
+            max_datasets: 1_000,
             max_open_cursors: 1_024,
             cursor_ttl_secs: 600,
             import_idle_secs: 60,

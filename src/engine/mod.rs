@@ -230,6 +230,16 @@ impl Engine {
                 creating.retain(|name, handle| {
                     handle.strong_count() > 0 && registered.binary_search(name).is_err()
                 });
+                // Datasets being created count too, so that concurrent first writes to new
+                // names cannot overshoot together.
+                let others = creating.keys().filter(|other| *other != name).count();
+                if registered.len() + others >= self.limits.max_datasets {
+                    return Err(EngineError::LimitExceeded {
+                        what: "the number of datasets",
+                        actual: (registered.len() + others + 1) as u64,
+                        limit: self.limits.max_datasets as u64,
+                    });
+                }
                 let handle = match creating.get(name).and_then(std::sync::Weak::upgrade) {
                     Some(handle) => handle,
                     None => {

@@ -435,6 +435,42 @@ async fn list_values_count_against_the_node_limit_and_huge_texts_stop_early() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn datasets_past_the_limit_are_refused_and_the_others_stay_writable() {
+    let limits = Limits {
+        max_datasets: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(ServerOptions::default().limits(limits)).await;
+    // `default` exists from the start: one more may be made.
+    load_people(&server, "ads-a", &people(3)).await;
+    let status = server
+        .ingest()
+        .upsert_users(pb::UpsertUsersRequest {
+            dataset: "ads-b".into(),
+            users: vec![pb::UserUpdate {
+                user_id: "u1".into(),
+                updates: vec![],
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["the number of datasets", "3", "2"],
+    );
+    load_people(&server, "ads-a", &people(5)).await;
+    let names = server
+        .schema()
+        .list_datasets(pb::ListDatasetsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names.datasets.len(), 2, "{names:?}");
+    server.shutdown().await;
+}
+
 fn nested_nots(depth: usize) -> pb::Node {
     let mut tree = node::compare("age", CompareOp::Gt, lit(i(1)));
     for _ in 1..depth {
