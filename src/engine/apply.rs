@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::change::{
-    checked_float, AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome,
+    checked_float, exact_float, AttributeChange, AttributeValue, Change, ChangeOp, ChangeOutcome,
     SegmentDefinition, UserUpdate,
 };
 use super::error::{EngineError, Result};
@@ -311,21 +311,6 @@ fn set_value(
         (_, AttributeValue::Timestamp(_)) => return mismatch("a timestamp"),
     }
     Ok(())
-}
-
-/// An integer as a float, refused unless the float holds it exactly (beyond 2^53 most do not,
-/// and a silently rounded amount is a wrong answer later).
-fn exact_float(name: &str, value: i64) -> Result<f64> {
-    let float = value as f64;
-    // Compared in i128: `2^63 as i64` would saturate back to `i64::MAX` and look exact.
-    if float as i128 == i128::from(value) {
-        return Ok(float);
-    }
-    Err(EngineError::kind_mismatch(
-        name,
-        AttributeKind::Float,
-        format!("{value} has no exact float value (integers beyond 2^53 may not)"),
-    ))
 }
 
 /// What a group of user writes touched, by what segment maintenance must re-evaluate.

@@ -176,3 +176,18 @@ pub fn checked_float(name: &str, value: f64) -> Result<f64> {
         ))
     }
 }
+
+/// An integer as a float, refused unless the float holds it exactly (beyond 2^53 most do not,
+/// and a silently rounded amount is a wrong answer later).
+pub(super) fn exact_float(name: &str, value: i64) -> Result<f64> {
+    let float = value as f64;
+    // Compared in i128: `2^63 as i64` would saturate back to `i64::MAX` and look exact.
+    if float as i128 == i128::from(value) {
+        return Ok(float);
+    }
+    Err(EngineError::kind_mismatch(
+        name,
+        AttributeKind::Float,
+        format!("{value} has no exact float value (integers beyond 2^53 may not)"),
+    ))
+}

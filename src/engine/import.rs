@@ -15,7 +15,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_cast::{cast_with_options, CastOptions};
 use arrow_schema::{DataType, Field, TimeUnit};
 
-use super::change::checked_float;
+use super::change::{checked_float, exact_float};
 use super::change::{ChangeOutcome, ImportBatch};
 use super::error::{EngineError, Result};
 use super::state::DatasetState;
@@ -306,17 +306,32 @@ fn load_column(
             a.set_many(&rows);
         }
         Attribute::Float(a) => {
-            let values = strict_cast(name, array, &DataType::Float64)?;
-            let values = values.as_primitive::<Float64Type>();
-            let rows = rows
-                .iter()
-                .map(|&(row, id)| match values.is_valid(row) {
-                    true => checked_float(name, values.value(row))
-                        .map(|v| (id, Some(v)))
-                        .map_err(|e| EngineError::Import(format!("row {row}: {e}"))),
-                    false => Ok((id, None)),
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let at_row =
+                |row: usize| move |e: EngineError| EngineError::Import(format!("row {row}: {e}"));
+            let rows = if kind_of(array.data_type()) == Some(AttributeKind::Integer) {
+                // Integers widen into a float column only where the float holds them exactly.
+                let values = strict_cast(name, array, &DataType::Int64)?;
+                let values = values.as_primitive::<Int64Type>();
+                rows.iter()
+                    .map(|&(row, id)| match values.is_valid(row) {
+                        true => exact_float(name, values.value(row))
+                            .map(|v| (id, Some(v)))
+                            .map_err(at_row(row)),
+                        false => Ok((id, None)),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                let values = strict_cast(name, array, &DataType::Float64)?;
+                let values = values.as_primitive::<Float64Type>();
+                rows.iter()
+                    .map(|&(row, id)| match values.is_valid(row) {
+                        true => checked_float(name, values.value(row))
+                            .map(|v| (id, Some(v)))
+                            .map_err(at_row(row)),
+                        false => Ok((id, None)),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             a.set_many(&rows);
         }
         Attribute::Timestamp(a) => {
@@ -519,6 +534,31 @@ mod tests {
         assert_eq!(source.total_rows, Some(200_000));
         assert!(bytes < 200_000, "{bytes} bytes");
         assert_eq!(source.reservable_rows, bytes);
+    }
+
+    #[test]
+    fn integers_widen_into_a_float_column_only_when_exact() {
+        let batch = |score: ArrayRef| {
+            let ids: ArrayRef = Arc::new(StringArray::from(vec!["a", "b"]));
+            ImportBatch {
+                batch: RecordBatch::try_from_iter([("user_id", ids), ("score", score)])
+                    .expect("batch"),
+                id_column: "user_id".into(),
+            }
+        };
+        let mut state = DatasetState::default();
+        let floats: ArrayRef = Arc::new(arrow_array::Float64Array::from(vec![0.5, 1.5]));
+        apply_batch(&mut state, &batch(floats)).expect("floats");
+        let exact: ArrayRef = Arc::new(arrow_array::Int64Array::from(vec![1 << 60, -7]));
+        apply_batch(&mut state, &batch(exact)).expect("exact integers widen");
+        let inexact: ArrayRef = Arc::new(arrow_array::Int64Array::from(vec![5, (1 << 53) + 1]));
+        let error = apply_batch(&mut state, &batch(inexact))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("row 1") && error.contains("9007199254740993"),
+            "{error}"
+        );
     }
 
     #[test]
