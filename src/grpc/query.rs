@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::auth::authorize;
 use super::convert::{as_of, audience};
@@ -199,30 +200,10 @@ impl pb::query_service_server::QueryService for QueryApi {
             .await?
         };
         let (sender, receiver) = tokio::sync::mpsc::channel(EXPORT_BUFFER);
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let total = members.len();
-            let mut sent = 0u64;
-            let mut ids = members.iter();
-            loop {
-                let chunk_ids: Vec<u32> = ids.by_ref().take(chunk).collect();
-                if chunk_ids.is_empty() {
-                    break;
-                }
-                sent += chunk_ids.len() as u64;
-                let message = pb::ExportMembersResponse {
-                    user_ids: state.external_ids(chunk_ids),
-                    sent,
-                    total,
-                };
-                if sender.blocking_send(Ok(message)).is_err() {
-                    tracing::info!(sent, total, "export cancelled by the caller");
-                    return;
-                }
-            }
-            tracing::info!(total, "export complete");
-        });
+        tokio::spawn(
+            export_chunks(state, Arc::unwrap_or_clone(members), chunk, sender)
+                .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -366,4 +347,44 @@ impl pb::query_service_server::QueryService for QueryApi {
             user_exists,
         }))
     }
+}
+
+/// Sends `members` as external ids, `chunk` at a time. An async task: a caller that stops
+/// reading leaves it waiting on the channel, holding no thread (a blocking thread per slow
+/// reader would exhaust the pool that every query and write uses); each chunk's ids are
+/// mapped on the blocking pool, a bounded piece of work.
+async fn export_chunks(
+    state: Arc<crate::engine::DatasetState>,
+    members: crate::index::Bitmap,
+    chunk: usize,
+    sender: tokio::sync::mpsc::Sender<Result<pb::ExportMembersResponse, Status>>,
+) {
+    let total = members.len();
+    let mut sent = 0u64;
+    let mut ids = members.into_iter();
+    loop {
+        let chunk_ids: Vec<u32> = ids.by_ref().take(chunk).collect();
+        if chunk_ids.is_empty() {
+            break;
+        }
+        sent += chunk_ids.len() as u64;
+        let state = state.clone();
+        let user_ids = match blocking(move || Ok(state.external_ids(chunk_ids))).await {
+            Ok(user_ids) => user_ids,
+            Err(status) => {
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+        };
+        let message = pb::ExportMembersResponse {
+            user_ids,
+            sent,
+            total,
+        };
+        if sender.send(Ok(message)).await.is_err() {
+            tracing::info!(sent, total, "export cancelled by the caller");
+            return;
+        }
+    }
+    tracing::info!(total, "export complete");
 }

@@ -569,6 +569,52 @@ async fn list_members_evicts_the_oldest_listing_past_the_open_cursor_limit() {
     server.shutdown().await;
 }
 
+/// Exports whose callers never read must not hold the threads every query needs: 600 of them
+/// stall (the client's windows, 5 MB a connection, hold a dozen of these 400 KB exports per
+/// connection; the rest wait, more than tokio's 512 blocking threads), and a count still
+/// answers at once.
+#[tokio::test]
+async fn exports_nobody_reads_leave_queries_answering() {
+    let (server, _) = server_with_people(100_000).await;
+    let mut parked = Vec::new();
+    for _ in 0..4 {
+        let channel = tonic::transport::Channel::from_shared(server.addr())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = pb::query_service_client::QueryServiceClient::new(channel);
+        for _ in 0..150 {
+            let stream = client
+                .export_members(pb::ExportMembersRequest {
+                    audience: text(r#"NOT country = "none""#),
+                    // Chunks of ~25 KB: few frames, which the client's HTTP/2 accepts.
+                    chunk_size: 1_000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            parked.push(stream);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        server.query().count(pb::CountRequest {
+            audience: text("age > 30"),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "a count behind 600 unread exports: {answered:?}"
+    );
+    drop(parked);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn export_members_chunks_cover_the_full_set_with_progress() {
     let (server, people) = server_with_people(300).await;
