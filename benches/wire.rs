@@ -73,6 +73,7 @@ async fn start(users: u64, segments: usize) -> Server {
         time_refresh: Duration::from_secs(60),
         security: Default::default(),
         metrics: None,
+        lifecycle: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(

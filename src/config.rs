@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Limits;
+use crate::grpc::Lifecycle;
 pub use crate::persist::FsyncPolicy;
 
 /// Log output format.
@@ -82,6 +83,12 @@ pub struct Config {
     /// Seconds between re-evaluations of segments whose windows move with time (and drops of
     /// events past retention).
     pub segment_refresh_secs: u64,
+    /// Seconds the calls running at SIGTERM get to finish before the server stops anyway.
+    pub shutdown_grace_secs: u64,
+    /// Seconds of silence on a connection after which the server sends an HTTP/2 ping.
+    pub keepalive_interval_secs: u64,
+    /// Seconds a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout_secs: u64,
     /// Request-size limits of the engine.
     pub limits: Limits,
 }
@@ -112,6 +119,9 @@ impl Default for Config {
             metrics_listen: None,
             max_message_bytes: 64 * 1024 * 1024,
             segment_refresh_secs: 60,
+            shutdown_grace_secs: Lifecycle::DEFAULT.shutdown_grace.as_secs(),
+            keepalive_interval_secs: Lifecycle::DEFAULT.keepalive_interval.as_secs(),
+            keepalive_timeout_secs: Lifecycle::DEFAULT.keepalive_timeout.as_secs(),
             limits: Limits::default(),
         }
     }
@@ -244,6 +254,10 @@ impl Config {
             (
                 self.segment_refresh_secs > 0,
                 "segment_refresh_secs must be positive",
+            ),
+            (
+                self.keepalive_interval_secs > 0 && self.keepalive_timeout_secs > 0,
+                "keepalive_interval_secs and keepalive_timeout_secs must be positive",
             ),
             (
                 !self.redis_prefix.is_empty()

@@ -13,7 +13,7 @@ use crate::engine::{
 };
 use crate::grpc::metrics::RequestMetrics;
 use crate::grpc::tls::TlsFiles;
-use crate::grpc::{serve, Security, SecurityError, Services};
+use crate::grpc::{serve, Lifecycle, Security, SecurityError, Services};
 use crate::metrics::Exporter;
 use crate::persist::wal::WalOptions;
 use crate::time::SystemClock;
@@ -180,6 +180,7 @@ pub async fn run(
         time_refresh: std::time::Duration::from_secs(config.segment_refresh_secs),
         security,
         metrics: config.metrics_listen.map(|_| RequestMetrics::default()),
+        lifecycle: lifecycle(&config),
     };
     let exporter = match (config.metrics_listen, &services.metrics) {
         (Some(addr), Some(requests)) => Some(start_metrics(addr, &engine, requests).await?),
@@ -238,6 +239,15 @@ async fn start_metrics(
     tracing::info!(addr = %addr, "metrics at /metrics");
     let exporter = Arc::new(Exporter::new(engine.clone(), requests));
     Ok(tokio::spawn(crate::metrics::serve(listener, exporter)))
+}
+
+/// The keepalive and shutdown settings of `config`.
+fn lifecycle(config: &Config) -> Lifecycle {
+    Lifecycle {
+        shutdown_grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+        keepalive_interval: std::time::Duration::from_secs(config.keepalive_interval_secs),
+        keepalive_timeout: std::time::Duration::from_secs(config.keepalive_timeout_secs),
+    }
 }
 
 /// The embedded store's settings, when a data directory is set without Redis.

@@ -113,6 +113,15 @@ pub struct SettingsArgs {
     /// Seconds between re-evaluations of time-windowed segments.
     #[arg(long, env = "AUDIENCE_SEGMENT_REFRESH_SECS")]
     pub segment_refresh_secs: Option<u64>,
+    /// Seconds the calls running at SIGTERM get to finish before the server stops anyway.
+    #[arg(long, env = "AUDIENCE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Seconds of silence on a connection after which the server sends an HTTP/2 ping.
+    #[arg(long, env = "AUDIENCE_KEEPALIVE_INTERVAL_SECS")]
+    pub keepalive_interval_secs: Option<u64>,
+    /// Seconds a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "AUDIENCE_KEEPALIVE_TIMEOUT_SECS")]
+    pub keepalive_timeout_secs: Option<u64>,
     #[command(flatten)]
     pub limits: LimitsArgs,
 }
@@ -251,6 +260,9 @@ mod tests {
             metrics_listen: Some("0.0.0.0:9090".parse().expect("an address")),
             max_message_bytes: 1 << 20,
             segment_refresh_secs: 30,
+            shutdown_grace_secs: 7,
+            keepalive_interval_secs: 8,
+            keepalive_timeout_secs: 9,
             limits: Limits {
                 max_expression_nodes: 11,
                 max_expression_depth: 12,

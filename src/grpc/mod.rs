@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod drain;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
@@ -71,6 +72,38 @@ pub struct Services {
     pub security: Security,
     /// Request counts and latencies, when metrics are served.
     pub metrics: Option<metrics::RequestMetrics>,
+    /// Keepalives and the shutdown grace period.
+    pub lifecycle: Lifecycle,
+}
+
+/// How connections are kept alive and how long a stopping server waits for its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// After a shutdown signal, how long calls already running may take before the server
+    /// stops anyway (below Kubernetes' `terminationGracePeriodSeconds`, minus the preStop pause).
+    pub shutdown_grace: std::time::Duration,
+    /// Idle time after which the server pings a connection (HTTP/2 PING), so that proxies and
+    /// load balancers with idle timeouts keep quiet streams (Watch, exports) open.
+    pub keepalive_interval: std::time::Duration,
+    /// How long a ping may go unanswered before the connection is closed as dead.
+    pub keepalive_timeout: std::time::Duration,
+}
+
+impl Lifecycle {
+    /// 25 s of grace (the chart gives the pod 60 s, 5 of them before SIGTERM); a ping after
+    /// 30 s of silence, below the 60 s idle timeout common to cloud load balancers; 10 s to
+    /// answer it.
+    pub const DEFAULT: Self = Self {
+        shutdown_grace: std::time::Duration::from_secs(25),
+        keepalive_interval: std::time::Duration::from_secs(30),
+        keepalive_timeout: std::time::Duration::from_secs(10),
+    };
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// The server's TLS identity and its tokens, each re-read from its files while it runs.
@@ -160,7 +193,8 @@ async fn set_all(
 ///
 /// Health starts NOT_SERVING; when `ready` completes (after any start-up load) it turns
 /// SERVING, or, when `ready` fails, the server stops with its error. On shutdown health turns
-/// NOT_SERVING first, then in-flight requests finish.
+/// NOT_SERVING, new calls are refused with UNAVAILABLE, watches end, and the calls already
+/// running get `lifecycle.shutdown_grace` to finish; past it the server stops anyway.
 ///
 /// # Errors
 /// A transport failure, or a descriptor set reflection cannot read.
@@ -172,10 +206,9 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection_builder().build_v1()?;
+    // Older tools (Postman, some grpcurl builds) only ask the pre-release name.
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
     let limit = services.max_message_bytes;
     let gate = ready_gate(services.engine.clone());
     let query = pb::query_service_server::QueryServiceServer::new(query::QueryApi::new(&services))
@@ -236,6 +269,10 @@ pub async fn serve(
     });
     let failure = Arc::new(std::sync::Mutex::new(None));
     let failed = failure.clone();
+    let drain = drain::Drain::default();
+    let draining = drain.clone();
+    let grace = services.lifecycle.shutdown_grace;
+    let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         tokio::select! {
             () = shutdown => {}
@@ -247,39 +284,59 @@ pub async fn serve(
             }
         }
         set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        draining.start();
         stopping.send_replace(true);
-        tracing::info!("shutting down");
+        let deadline = tokio::time::Instant::now() + grace;
+        wait_for_calls(&draining, grace).await;
+        // Sent after the wait, so that its outcome is logged before the server may stop.
+        let _ = deadline_tx.send(deadline);
     };
+    let lifecycle = services.lifecycle;
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(lifecycle.keepalive_interval))
+        .http2_keepalive_timeout(Some(lifecycle.keepalive_timeout))
         // Outermost: it sees the final status of every call, refusals included.
         .layer(metrics::MetricsLayer::new(services.metrics.clone()))
+        .layer(drain::DrainLayer::new(drain))
         .layer(tower::util::MapResponseLayer::new(
             status::precise_transport_codes,
         ))
         .layer(AuthLayer::new(security.tokens.clone()))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(query, gate.clone()))
         .add_service(InterceptedService::new(segments, gate.clone()))
         .add_service(InterceptedService::new(ingest, gate.clone()))
         .add_service(InterceptedService::new(schema, gate.clone()))
         .add_service(InterceptedService::new(watch, gate.clone()))
         .add_service(InterceptedService::new(admin, gate));
-    let served = match security.tls {
-        Some(tls) => {
-            router
-                .serve_with_incoming_shutdown(TlsIncoming::new(listener, tls), shutdown)
-                .await
+    let serving = async move {
+        match security.tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(TlsIncoming::new(listener, tls), shutdown)
+                    .await
+            }
+            // Without TCP_NODELAY, the last frames of a response (a stream's trailers) wait
+            // for the client's delayed ACK: 40 ms added to every streaming call on Linux.
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        shutdown,
+                    )
+                    .await
+            }
         }
-        // Without TCP_NODELAY, the last frames of a response (a stream's trailers) wait for
-        // the client's delayed ACK: 40 ms added to every streaming call on Linux.
-        None => {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown,
-                )
-                .await
+    };
+    // tonic waits for every connection to close; past the grace period the server stops
+    // without them (their calls are dropped with the process).
+    let served = tokio::select! {
+        served = serving => served,
+        () = grace_over(deadline_rx) => {
+            tracing::info!("stopping without waiting for the connections still open");
+            Ok(())
         }
     };
     ticker.abort();
@@ -290,6 +347,44 @@ pub async fn serve(
     match failure.lock().ok().and_then(|mut f| f.take()) {
         Some(error) => Err(ServeError::Start(error)),
         None => Ok(()),
+    }
+}
+
+/// Reflection of every service served, both reflection versions included, so that either
+/// version lists the same services.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+/// Waits for the calls running at shutdown to end, at most `grace`, saying how it went.
+async fn wait_for_calls(drain: &drain::Drain, grace: std::time::Duration) {
+    let running = drain.running();
+    tracing::info!(
+        running,
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: refusing new calls, waiting for those running"
+    );
+    if drain.idle_within(grace).await {
+        tracing::info!("every call ended; stopping");
+    } else {
+        tracing::warn!(
+            running = drain.running(),
+            "grace period over with calls still running; stopping anyway"
+        );
+    }
+}
+
+/// Completes when the shutdown's grace period has passed; never before shutdown starts.
+async fn grace_over(deadline: tokio::sync::oneshot::Receiver<tokio::time::Instant>) {
+    match deadline.await {
+        Ok(deadline) => tokio::time::sleep_until(deadline).await,
+        // The server stopped without a shutdown (a transport error): nothing to cut short.
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -118,7 +118,7 @@ pub fn to_status(error: EngineError, field: &str) -> Status {
     Status::new(code, message)
 }
 
-/// A stream cut short because the server is stopping.
+/// A call refused, or a stream cut short, because the server is stopping.
 pub fn shutting_down() -> Status {
     Status::unavailable("the server is shutting down; call again (another replica may serve it)")
 }

@@ -1059,6 +1059,17 @@ async fn reflection_lists_the_services() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let server = TestServer::start().await;
+    // Both versions: older tools (Postman, some grpcurl builds) ask only for v1alpha.
+    let v1 = reflected_services_v1(server.channel(), None).await.unwrap();
+    let v1alpha = reflected_services_v1alpha(server.channel(), None)
+        .await
+        .unwrap();
+    assert_eq!(v1, v1alpha);
+    assert!(
+        v1.contains("grpc.reflection.v1alpha.ServerReflection"),
+        "{v1:?}"
+    );
+    assert!(v1.contains("grpc.reflection.v1.ServerReflection"), "{v1:?}");
     let mut client = ServerReflectionClient::new(server.channel());
     let requests = vec![
         ServerReflectionRequest {

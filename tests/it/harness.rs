@@ -171,6 +171,7 @@ impl TestServer {
             time_refresh: options.time_refresh,
             security: Default::default(),
             metrics: None,
+            lifecycle: Default::default(),
         };
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -997,3 +998,41 @@ pub async fn import_file(
         .await;
     collect_progress(response).await
 }
+
+/// Writes `reflected_services_<version>`: the services a server lists by reflection in that
+/// version's package (`v1` and `v1alpha` have the same messages under two names), with an
+/// optional `authorization` header.
+macro_rules! reflection_lister {
+    ($name:ident, $version:ident) => {
+        pub async fn $name(
+            channel: Channel,
+            authorization: Option<&str>,
+        ) -> Result<BTreeSet<String>, tonic::Status> {
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            let list = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut request = tonic::Request::new(tokio_stream::iter(vec![list]));
+            if let Some(value) = authorization {
+                let value = value.parse().expect("a header value");
+                request.metadata_mut().insert("authorization", value);
+            }
+            let mut responses = ServerReflectionClient::new(channel)
+                .server_reflection_info(request)
+                .await?
+                .into_inner();
+            let first = responses.message().await?.expect("one answer");
+            let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+                panic!("expected a service list, got {first:?}");
+            };
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+    };
+}
+
+reflection_lister!(reflected_services_v1, v1);
+reflection_lister!(reflected_services_v1alpha, v1alpha);

@@ -6,6 +6,7 @@ mod cli;
 mod coalesce;
 mod crash;
 mod durability;
+mod graceful;
 mod grpc_errors;
 mod grpc_events;
 mod grpc_ingest;

@@ -262,6 +262,22 @@ impl Process {
         }
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; the process is left to exit by itself.
+    pub fn terminate(&self) {
+        let pid = self
+            .child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .map(Child::id)
+            .expect("a running child");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
     /// SIGKILL, then reaps the child.
     pub fn kill(&self) {
         let taken = self.child.lock().map(|mut c| c.take());

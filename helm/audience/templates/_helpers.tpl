@@ -125,6 +125,11 @@ values.schema.json cannot relate one value to another.
 {{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.service.port)) }}
 {{- fail "metrics.port must differ from service.port" }}
 {{- end }}
+{{- $grace := int (default 25 (get .Values.config "shutdown_grace_secs")) }}
+{{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
+{{- if ge (add $grace $preStop) (int .Values.terminationGracePeriodSeconds) }}
+{{- fail (printf "lifecycle.preStopSleepSeconds (%d) plus config.shutdown_grace_secs (%d) must stay below terminationGracePeriodSeconds (%d): Kubernetes kills the pod before its calls finish and its log is flushed" $preStop $grace (int .Values.terminationGracePeriodSeconds)) }}
+{{- end }}
 {{- range $key := list "listen" "data_dir" "redis_url" "metrics_listen" "tls_cert" "tls_key" "tls_client_ca" "auth_file" "allow_unauthenticated" }}
 {{- if hasKey $.Values.config $key }}
 {{- fail (printf "config.%s is set by the chart (from service, persistence, redis, metrics, tls and auth values): remove it from config" $key) }}

@@ -21,9 +21,10 @@ pub fn rule_of(path: &str) -> Option<Rule> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     let scope = match (service, method) {
         ("grpc.health.v1.Health", "Check" | "Watch") => return Some(Rule::Open),
-        ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo") => {
-            return Some(Rule::AnyToken)
-        }
+        (
+            "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        ) => return Some(Rule::AnyToken),
         (
             "audience.v1.QueryService",
             "Count" | "ListMembers" | "ExportMembers" | "SampleMembers" | "Overlap"
@@ -87,6 +88,10 @@ mod tests {
         }
         assert_eq!(
             rule_of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some(Rule::AnyToken)
+        );
+        assert_eq!(
+            rule_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
             Some(Rule::AnyToken)
         );
     }

@@ -7,7 +7,7 @@ use tonic::Code;
 
 use super::rpcs::{call, Rpc, RPCS};
 use super::*;
-use crate::harness::{ipc_stream_bytes, update};
+use crate::harness::{ipc_stream_bytes, reflected_services_v1alpha, update};
 use crate::process::Launch;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,6 +191,11 @@ async fn each_scope_and_dataset_pattern_allows_exactly_what_the_contract_says() 
     let anonymous = reflect(None).await.unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
     assert!(reflect(Some("Bearer e-secret-5")).await.unwrap());
+    let alpha = |header| reflected_services_v1alpha(server.channel(), header);
+    let anonymous = alpha(None).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let listed = alpha(Some("Bearer e-secret-5")).await.unwrap();
+    assert!(listed.contains("audience.v1.QueryService"), "{listed:?}");
 
     // The token's name is in each request's span; the token never reaches the log.
     let log = server.log_text();
