@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
@@ -69,6 +68,8 @@ impl Drain {
 /// One admitted call; it stops counting when dropped (its response body ended or went away).
 struct Running(Arc<watch::Sender<usize>>);
 
+impl super::body::Watcher for Running {}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
@@ -76,29 +77,14 @@ impl Drop for Running {
 }
 
 /// Puts [`Drained`] around a service.
-#[derive(Debug, Clone)]
-pub struct DrainLayer {
-    drain: Drain,
+pub fn layer<S>(drain: Drain) -> impl Layer<S, Service = Drained<S>> + Clone {
+    tower::layer::layer_fn(move |inner| Drained {
+        inner,
+        drain: drain.clone(),
+    })
 }
 
-impl DrainLayer {
-    pub fn new(drain: Drain) -> Self {
-        Self { drain }
-    }
-}
-
-impl<S> Layer<S> for DrainLayer {
-    type Service = Drained<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Drained {
-            inner,
-            drain: self.drain.clone(),
-        }
-    }
-}
-
-/// See [`DrainLayer`].
+/// See [`layer`].
 #[derive(Debug, Clone)]
 pub struct Drained<S> {
     inner: S,
@@ -129,40 +115,8 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| {
-                tonic::body::Body::new(Counted {
-                    body,
-                    _running: running,
-                })
-            }))
+            Ok(response.map(|body| super::body::watched(body, running)))
         })
-    }
-}
-
-/// A response body that keeps its call counted until it ends.
-struct Counted {
-    body: tonic::body::Body,
-    /// Held, never read: dropping it ends the count.
-    _running: Running,
-}
-
-impl Body for Counted {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

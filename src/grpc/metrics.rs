@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -137,7 +136,7 @@ where
             if let Some(code) = grpc_code(response.headers()) {
                 call.code = Some(code);
             }
-            Ok(response.map(|body| tonic::body::Body::new(Observed { body, call })))
+            Ok(response.map(|body| super::body::watched(body, call)))
         })
     }
 }
@@ -164,34 +163,11 @@ fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
     value.parse::<i32>().ok().map(tonic::Code::from)
 }
 
-/// A response body that notes the status in its trailers.
-struct Observed {
-    body: tonic::body::Body,
-    call: Call,
-}
-
-impl Body for Observed {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(code) = frame.trailers_ref().and_then(grpc_code) {
-                self.call.code = Some(code);
-            }
+impl super::body::Watcher for Call {
+    /// A stream's status comes in its trailers.
+    fn frame(&mut self, frame: &http_body::Frame<bytes::Bytes>) {
+        if let Some(code) = frame.trailers_ref().and_then(grpc_code) {
+            self.code = Some(code);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod convert;
 pub mod drain;
 pub mod ingest;
@@ -297,7 +298,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(lifecycle.keepalive_timeout))
         // Outermost: it sees the final status of every call, refusals included.
         .layer(metrics::MetricsLayer::new(services.metrics.clone()))
-        .layer(drain::DrainLayer::new(drain))
+        .layer(drain::layer(drain))
         .layer(tower::util::MapResponseLayer::new(
             status::precise_transport_codes,
         ))
