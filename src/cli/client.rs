@@ -587,7 +587,7 @@ async fn import(
         )));
     }
     let mut client = pb::ingest_service_client::IngestServiceClient::new(channel);
-    let (progress, total) = match (kind, server_side) {
+    let last = match (kind, server_side) {
         (ImportKind::Users, true) => {
             let stream = client
                 .import_users_file(pb::ImportUsersFileRequest {
@@ -597,7 +597,7 @@ async fn import(
                 })
                 .await?
                 .into_inner();
-            (stream, 0)
+            follow_progress(stream, 0).await?
         }
         (ImportKind::Events, true) => {
             let stream = client
@@ -607,7 +607,7 @@ async fn import(
                 })
                 .await?
                 .into_inner();
-            (stream, 0)
+            follow_progress(stream, 0).await?
         }
         (ImportKind::Users, false) => {
             let mut first = Some((dataset, id_column));
@@ -619,7 +619,7 @@ async fn import(
                     arrow_ipc_chunk,
                 }
             })?;
-            (client.import_users(chunks).await?.into_inner(), total)
+            follow_progress(client.import_users(chunks).await?.into_inner(), total).await?
         }
         (ImportKind::Events, false) => {
             let mut first = Some(dataset);
@@ -628,10 +628,9 @@ async fn import(
                     dataset: first.take().unwrap_or_default(),
                     arrow_ipc_chunk,
                 })?;
-            (client.import_events(chunks).await?.into_inner(), total)
+            follow_progress(client.import_events(chunks).await?.into_inner(), total).await?
         }
     };
-    let last = follow_progress(progress, total).await?;
     let out = &mut std::io::stdout().lock();
     print_import(out, kind, &last, json)
 }
@@ -652,8 +651,8 @@ fn stream_file<M: Send + 'static>(
 }
 
 /// Shows the server's progress reports as a bar; returns the last one, which must say done.
-async fn follow_progress(
-    mut progress: tonic::Streaming<pb::ImportProgress>,
+async fn follow_progress<R: pb::ImportResponse>(
+    mut progress: tonic::Streaming<R>,
     total: u64,
 ) -> Result<pb::ImportProgress> {
     let bar = indicatif::ProgressBar::new(total);
@@ -664,7 +663,10 @@ async fn follow_progress(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut last = pb::ImportProgress::default();
-    while let Some(update) = progress.message().await? {
+    while let Some(response) = progress.message().await? {
+        let update = response.into_progress().ok_or_else(|| {
+            ClientError::Input("the server sent an import response without its progress".into())
+        })?;
         if update.rows_total > 0 {
             bar.set_length(update.rows_total);
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -42,8 +43,8 @@ impl IngestApi {
     }
 }
 
-type ProgressStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImportProgress, Status>> + Send>>;
+/// An import RPC's response stream: its own message around each progress report.
+type ResponseStream<R> = Pin<Box<dyn tokio_stream::Stream<Item = Result<R, Status>> + Send>>;
 /// Where an import's progress goes, and whether it has reached its commit (after which a
 /// deadline no longer stops it: the commit completes, and the caller is told it may have).
 #[derive(Clone)]
@@ -288,10 +289,10 @@ fn deadline_passed(progress: &ProgressSender) -> Status {
     }
 }
 
-fn spawn_import<F>(
+fn spawn_import<R: pb::ImportResponse, F>(
     deadline: Option<tokio::time::Instant>,
     work: impl FnOnce(ProgressSender) -> F,
-) -> ProgressStream
+) -> ResponseStream<R>
 where
     F: std::future::Future<Output = Result<(), Status>> + Send + 'static,
 {
@@ -315,7 +316,7 @@ where
         }
         .instrument(tracing::Span::current()),
     );
-    Box::pin(ReceiverStream::new(receiver))
+    Box::pin(ReceiverStream::new(receiver).map(|message| message.map(R::from_progress)))
 }
 
 #[tonic::async_trait]
@@ -360,7 +361,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         }))
     }
 
-    type ImportUsersStream = ProgressStream;
+    type ImportUsersStream = ResponseStream<pb::ImportUsersResponse>;
 
     #[tracing::instrument(skip_all, fields(dataset))]
     async fn import_users(
@@ -382,7 +383,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         })))
     }
 
-    type ImportUsersFileStream = ProgressStream;
+    type ImportUsersFileStream = ResponseStream<pb::ImportUsersFileResponse>;
 
     #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, path = %request.get_ref().path))]
     async fn import_users_file(
@@ -411,11 +412,11 @@ impl pb::ingest_service_server::IngestService for IngestApi {
     #[tracing::instrument(skip_all, fields(dataset, messages))]
     async fn stream_events(
         &self,
-        request: Request<Streaming<pb::RecordEventsRequest>>,
-    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        request: Request<Streaming<pb::StreamEventsRequest>>,
+    ) -> Result<Response<pb::StreamEventsResponse>, Status> {
         let caller = Caller::of(&request)?;
         let mut input = request.into_inner();
-        let mut total = pb::RecordEventsResponse::default();
+        let mut total = pb::StreamEventsResponse::default();
         let mut index = 0usize;
         while let Some(message) = input.message().await? {
             if index == 0 {
@@ -423,7 +424,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
             }
             // Each message names its own dataset.
             let outcome = match caller.may_use(&message.dataset) {
-                Ok(()) => self.record(message, Some(index)).await,
+                Ok(()) => self.record(batch_of(message), Some(index)).await,
                 Err(status) => Err(status),
             }
             .map_err(|status| recorded_before(status, index, &total))?;
@@ -436,7 +437,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         Ok(Response::new(total))
     }
 
-    type ImportEventsStream = ProgressStream;
+    type ImportEventsStream = ResponseStream<pb::ImportEventsResponse>;
 
     #[tracing::instrument(skip_all, fields(dataset))]
     async fn import_events(
@@ -454,7 +455,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
         })))
     }
 
-    type ImportEventsFileStream = ProgressStream;
+    type ImportEventsFileStream = ResponseStream<pb::ImportEventsFileResponse>;
 
     #[tracing::instrument(skip_all, fields(dataset = %request.get_ref().dataset, path = %request.get_ref().path))]
     async fn import_events_file(
@@ -474,7 +475,7 @@ impl pb::ingest_service_server::IngestService for IngestApi {
 
 /// A stream's failure at message `index`, saying what the messages before it recorded (they
 /// stay applied), so that a caller retries from there instead of recording them twice.
-fn recorded_before(status: Status, index: usize, total: &pb::RecordEventsResponse) -> Status {
+fn recorded_before(status: Status, index: usize, total: &pb::StreamEventsResponse) -> Status {
     if index == 0 {
         return status;
     }
@@ -484,6 +485,14 @@ fn recorded_before(status: Status, index: usize, total: &pb::RecordEventsRespons
         total.recorded
     );
     Status::new(status.code(), message)
+}
+
+/// A StreamEvents message as the batch it is, which RecordEvents records.
+fn batch_of(message: pb::StreamEventsRequest) -> pb::RecordEventsRequest {
+    pb::RecordEventsRequest {
+        dataset: message.dataset,
+        events: message.events,
+    }
 }
 
 /// The deadline, the first message (which names the dataset) and the rest of an import stream.
@@ -502,11 +511,11 @@ async fn first_message<M>(
 impl IngestApi {
     /// Starts a server-side file import of `(dataset, path, kind)`: the file is opened (once,
     /// inside the import directory) before the progress stream starts.
-    async fn file_import(
+    async fn file_import<R: pb::ImportResponse>(
         &self,
         deadline: Option<tokio::time::Instant>,
         (dataset, path, kind): (String, String, ImportKind),
-    ) -> Result<Response<ProgressStream>, Status> {
+    ) -> Result<Response<ResponseStream<R>>, Status> {
         if path.is_empty() {
             return Err(invalid("path", "must not be empty"));
         }

@@ -41,6 +41,34 @@ pub mod pb {
     /// The encoded descriptor set that server reflection serves.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/audience_descriptor.bin"));
+
+    /// The response of an import RPC: each RPC has its own message (the Buf style), all
+    /// carrying one `ImportProgress`, so that servers and clients handle them alike.
+    pub trait ImportResponse: Send + 'static {
+        fn from_progress(progress: ImportProgress) -> Self;
+        /// `None` when the sender left the progress out.
+        fn into_progress(self) -> Option<ImportProgress>;
+    }
+
+    macro_rules! import_responses {
+        ($($response:ident),*) => {$(
+            impl ImportResponse for $response {
+                fn from_progress(progress: ImportProgress) -> Self {
+                    Self { progress: Some(progress) }
+                }
+                fn into_progress(self) -> Option<ImportProgress> {
+                    self.progress
+                }
+            }
+        )*};
+    }
+
+    import_responses!(
+        ImportUsersResponse,
+        ImportUsersFileResponse,
+        ImportEventsResponse,
+        ImportEventsFileResponse
+    );
 }
 
 /// Runs a CPU-heavy closure on the blocking pool, keeping the async workers free.

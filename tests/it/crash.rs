@@ -334,8 +334,8 @@ async fn import(
         .await?
         .into_inner();
     let mut done = false;
-    while let Some(progress) = stream.message().await? {
-        done |= progress.done;
+    while let Some(response) = stream.message().await? {
+        done |= response.progress.is_some_and(|progress| progress.done);
     }
     match done {
         true => Ok(()),

@@ -59,10 +59,15 @@ async fn record(
         .map(tonic::Response::into_inner)
 }
 
+/// One StreamEvents call sending each batch as one message.
 async fn stream(
     server: &TestServer,
-    messages: Vec<pb::RecordEventsRequest>,
-) -> Result<pb::RecordEventsResponse, tonic::Status> {
+    batches: Vec<pb::RecordEventsRequest>,
+) -> Result<pb::StreamEventsResponse, tonic::Status> {
+    let messages = batches.into_iter().map(|batch| pb::StreamEventsRequest {
+        dataset: batch.dataset,
+        events: batch.events,
+    });
     server
         .ingest()
         .stream_events(tokio_stream::iter(messages))
@@ -819,21 +824,11 @@ fn with_ts(batch: &RecordBatch, row: usize, value: Option<i64>) -> RecordBatch {
 }
 
 /// Progress messages of an import call, and the error that ended it.
-async fn collect(
-    response: Result<tonic::Response<tonic::Streaming<pb::ImportProgress>>, tonic::Status>,
+async fn collect<R: pb::ImportResponse>(
+    response: Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>,
 ) -> (Vec<pb::ImportProgress>, Option<tonic::Status>) {
-    let mut stream = match response {
-        Ok(response) => response.into_inner(),
-        Err(status) => return (Vec::new(), Some(status)),
-    };
-    let mut progress = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(message)) => progress.push(message),
-            Ok(None) => return (progress, None),
-            Err(status) => return (progress, Some(status)),
-        }
-    }
+    let outcome = collect_progress(response).await;
+    (outcome.progress, outcome.error)
 }
 
 async fn import_events_ipc(

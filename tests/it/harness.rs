@@ -930,8 +930,8 @@ pub async fn import_chunks(
 }
 
 /// Every progress message of an import call, and the error that ended it, if any.
-async fn collect_progress(
-    response: Result<tonic::Response<tonic::Streaming<pb::ImportProgress>>, tonic::Status>,
+pub async fn collect_progress<R: pb::ImportResponse>(
+    response: Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>,
 ) -> ImportOutcome {
     let mut stream = match response {
         Ok(response) => response.into_inner(),
@@ -945,7 +945,11 @@ async fn collect_progress(
     let mut progress = Vec::new();
     loop {
         match stream.message().await {
-            Ok(Some(message)) => progress.push(message),
+            Ok(Some(message)) => progress.push(
+                message
+                    .into_progress()
+                    .expect("every import response carries its progress"),
+            ),
             Ok(None) => {
                 return ImportOutcome {
                     progress,

@@ -222,7 +222,7 @@ pub async fn call(rpc: Rpc, channel: Authed, dataset: &str) -> Result<(), Status
             .await
             .map(drop),
         Rpc::StreamEvents => ingest()
-            .stream_events(tokio_stream::iter(vec![pb::RecordEventsRequest {
+            .stream_events(tokio_stream::iter(vec![pb::StreamEventsRequest {
                 dataset,
                 events: vec![event],
             }]))
