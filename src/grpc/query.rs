@@ -192,17 +192,19 @@ impl pb::query_service_server::QueryService for QueryApi {
             .map_err(|e| to_status(e, "dataset"))?;
         let members = {
             let state = state.clone();
+            // Owned, for the export task to iterate: a saved segment's shared set is copied
+            // here, on the blocking pool.
             blocking(move || {
                 state
                     .select(&audience, as_of)
+                    .map(Arc::unwrap_or_clone)
                     .map_err(|e| to_status(e, "audience"))
             })
             .await?
         };
         let (sender, receiver) = tokio::sync::mpsc::channel(EXPORT_BUFFER);
         tokio::spawn(
-            export_chunks(state, Arc::unwrap_or_clone(members), chunk, sender)
-                .instrument(tracing::Span::current()),
+            export_chunks(state, members, chunk, sender).instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
