@@ -306,32 +306,34 @@ fn load_column(
             a.set_many(&rows);
         }
         Attribute::Float(a) => {
-            let at_row =
-                |row: usize| move |e: EngineError| EngineError::Import(format!("row {row}: {e}"));
-            let rows = if kind_of(array.data_type()) == Some(AttributeKind::Integer) {
-                // Integers widen into a float column only where the float holds them exactly.
-                let values = strict_cast(name, array, &DataType::Int64)?;
-                let values = values.as_primitive::<Int64Type>();
-                rows.iter()
-                    .map(|&(row, id)| match values.is_valid(row) {
-                        true => exact_float(name, values.value(row))
-                            .map(|v| (id, Some(v)))
-                            .map_err(at_row(row)),
-                        false => Ok((id, None)),
-                    })
-                    .collect::<Result<Vec<_>>>()?
+            // Integers widen into a float column only where the float holds them exactly.
+            let from_integers = kind_of(array.data_type()) == Some(AttributeKind::Integer);
+            let to = if from_integers {
+                DataType::Int64
             } else {
-                let values = strict_cast(name, array, &DataType::Float64)?;
-                let values = values.as_primitive::<Float64Type>();
-                rows.iter()
-                    .map(|&(row, id)| match values.is_valid(row) {
-                        true => checked_float(name, values.value(row))
-                            .map(|v| (id, Some(v)))
-                            .map_err(at_row(row)),
-                        false => Ok((id, None)),
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                DataType::Float64
             };
+            let values = strict_cast(name, array, &to)?;
+            let (ints, floats) = (
+                values.as_primitive_opt::<Int64Type>(),
+                values.as_primitive_opt::<Float64Type>(),
+            );
+            let value = |row: usize| match (ints, floats) {
+                (Some(ints), _) => exact_float(name, ints.value(row)),
+                (_, Some(floats)) => checked_float(name, floats.value(row)),
+                _ => Err(EngineError::Internal(format!(
+                    "column '{name}' was cast to {to}"
+                ))),
+            };
+            let rows = rows
+                .iter()
+                .map(|&(row, id)| match values.is_valid(row) {
+                    true => value(row)
+                        .map(|v| (id, Some(v)))
+                        .map_err(|e| EngineError::Import(format!("row {row}: {e}"))),
+                    false => Ok((id, None)),
+                })
+                .collect::<Result<Vec<_>>>()?;
             a.set_many(&rows);
         }
         Attribute::Timestamp(a) => {

@@ -7,6 +7,9 @@ use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 
+/// The future of a layer's call, boxed: the layers wrapping every service share it.
+pub type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 /// Told about a response as it streams; its `Drop` marks the end of the call.
 pub trait Watcher: Send + Unpin + 'static {
     /// Each frame sent, trailers included.

@@ -6,8 +6,6 @@
 //! A tower layer, because only there is a call's whole life visible: it ends when its response
 //! body ends or is dropped, not when the handler returns.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tower::{Layer, Service};
+
+use super::body::BoxFuture;
 
 use super::status::shutting_down;
 
@@ -90,8 +90,6 @@ pub struct Drained<S> {
     inner: S,
     drain: Drain,
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for Drained<S>
 where

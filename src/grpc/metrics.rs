@@ -5,8 +5,6 @@
 //! Labels are the RPC path and the gRPC code name only, never a dataset, so that the number
 //! of series stays bounded; a path the server does not serve is counted as `unknown`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,6 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tower::{Layer, Service};
+
+use super::body::BoxFuture;
 
 /// `rpc` and `code` of one series.
 type Labels = [(&'static str, String); 2];
@@ -100,8 +100,6 @@ pub struct Measure<S> {
     inner: S,
     metrics: Option<RequestMetrics>,
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for Measure<S>
 where
